@@ -65,12 +65,59 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_tokenize)
 
 
+# --- prepare ------------------------------------------------------------------------------------
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from tinyllm.data import prepare
+
+    data = prepare(args.paths or None, val_fraction=args.val_fraction, seed=args.seed)
+    print(f"prepared {data.dir}  (tokenizer {data.meta['tokenizer']}, sources: {', '.join(data.meta['sources'])})")
+    print(f"{'split':<6} {'documents':>10} {'bytes':>14} {'tokens':>12} {'bytes/token':>12}")
+    for name, s in data.meta["splits"].items():
+        ratio = s["bytes"] / s["tokens"] if s["tokens"] else float("nan")
+        print(f"{name:<6} {s['documents']:>10,} {s['bytes']:>14,} {s['tokens']:>12,} {ratio:>12.2f}")
+    return 0
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize a corpus into cached token shards and show its statistics")
+    p.add_argument("paths", nargs="*", help="files, folders, globs or 'shakespeare' (default: the built-in corpus)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the train/validation split")
+    p.set_defaults(func=_cmd_prepare)
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tinyllm.checkpoint import find_checkpoint
+    from tinyllm.export import export_hf
+
+    checkpoint = find_checkpoint(args.checkpoint) or Path(args.checkpoint)
+    out = export_hf(checkpoint, args.out_dir)
+    print(f"exported {checkpoint} to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory (transformers, vLLM)")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory, or a run directory with best/ or last/")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face directory to write")
+    p.set_defaults(func=_cmd_export)
+
+
 # --- parser -------------------------------------------------------------------------------------
 
 # Each entry adds one subcommand; modules that own a subcommand add theirs here.
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_fetch_assets,
     _add_tokenize,
+    _add_prepare,
+    _add_export,
 ]
 
 

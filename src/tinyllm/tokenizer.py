@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 
 from tinyllm import assets
@@ -64,6 +65,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids for `text`; special-token text such as "<|endoftext|>" is encoded as plain text."""
         return self.encoding.encode_ordinary(text)
+
+    def encode_to_numpy(self, text: str) -> np.ndarray:
+        """Like `encode`, as a uint32 array straight from tiktoken's buffer (no Python list; releases the GIL)."""
+        return self.encoding.encode_to_numpy(text, disallowed_special=())
 
     def encode_batch(self, texts: Sequence[str], *, num_threads: int = 2) -> list[list[int]]:
         return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)

@@ -1,0 +1,317 @@
+"""Text -> uint16 token shards (memmap) + meta.json, cached by content hash; a seeded batch sampler.
+
+`prepare` streams the corpus file by file in chunks, tokenizes on every core (tiktoken's threads) and
+appends to `train.bin` / `val.bin`; a document ends with the end-of-text token. The cache key hashes the
+tokenizer, the split settings and every file's bytes, so a second run reuses the shards and a changed file
+invalidates them. The cache directory is written under a temporary name and renamed into place, so an
+interrupted run never leaves a half-written cache.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tinyllm import __version__, assets
+from tinyllm.corpus import (
+    CorpusError,
+    SourceFile,
+    Split,
+    iter_document_ids,
+    iter_documents,
+    make_split,
+    resolve_sources,
+)
+from tinyllm.tokenizer import Tokenizer, get_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+FORMAT_VERSION = 1
+CHUNK_CHARS = 1 << 18  # pieces handed to tiktoken's threads
+BATCH_CHARS = 1 << 23  # text buffered before a batch is encoded and written
+# A newline followed by a non-space character is always a pre-token boundary of the GPT-2 pattern, so
+# splitting there tokenizes exactly as the whole text would.
+_SAFE_BREAK = re.compile(r"\n(?=\S)")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared corpus on disk: `train.bin`, `val.bin` (uint16 tokens) and `meta.json`."""
+
+    dir: Path
+    meta: dict[str, Any]
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The token stream of a split as a read-only uint16 memmap (empty array when the split is empty)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose train or val")
+        if self.meta["splits"][split]["tokens"] == 0:
+            return np.zeros(0, dtype=np.uint16)
+        return np.memmap(self.dir / f"{split}.bin", dtype=np.uint16, mode="r")
+
+    def num_tokens(self, split: str) -> int:
+        return int(self.meta["splits"][split]["tokens"])
+
+    def num_bytes(self, split: str) -> int:
+        """UTF-8 bytes of the text behind a split: the denominator of bits per byte."""
+        return int(self.meta["splits"][split]["bytes"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> PreparedData:
+        path = Path(path)
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CorpusError(f"{path}: not a prepared data directory ({exc}); run `tinyllm prepare`") from None
+        return cls(path, meta)
+
+
+def data_cache_dir() -> Path:
+    return assets.tinyllm_home() / "data"
+
+
+def _content_key(files: Sequence[SourceFile], *, tokenizer: str, val_fraction: float, seed: int) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([FORMAT_VERSION, tokenizer, val_fraction, seed]).encode())
+    for f in files:
+        digest.update(f.doc_id.encode() + b"\0")
+        try:
+            with open(f.path, "rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as exc:
+            raise CorpusError(f"{f.path}: cannot read ({exc.strerror}); check permissions") from None
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """Cut text into ~CHUNK_CHARS pieces at safe pre-token boundaries."""
+    start = 0
+    while len(text) - start > CHUNK_CHARS:
+        match = _SAFE_BREAK.search(text, start + CHUNK_CHARS)
+        if match is None:
+            break
+        yield text[start : match.start() + 1]
+        start = match.start() + 1
+    yield text[start:]
+
+
+class _SplitWriter:
+    """Appends token batches to one split's .bin file and counts documents, bytes and tokens."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "wb")  # noqa: SIM115 (closed by close(), after fsync)
+        self.documents = self.bytes = self.tokens = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        self.file.write(ids.tobytes())
+        self.tokens += len(ids)
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+def _encode_batch(
+    tok: Tokenizer, texts: list[str], writer: _SplitWriter, pool: concurrent.futures.ThreadPoolExecutor
+) -> None:
+    """Encode documents on the pool's threads and append them, each followed by end-of-text."""
+    pieces: list[str] = []
+    last_piece: set[int] = set()
+    for text in texts:
+        pieces.extend(_pieces(text))
+        last_piece.add(len(pieces) - 1)
+    eot = np.array([tok.eot_token], dtype=np.uint32)
+    arrays: list[np.ndarray] = []
+    for i, ids in enumerate(pool.map(tok.encode_to_numpy, pieces)):
+        arrays.append(ids)
+        if i in last_piece:
+            arrays.append(eot)
+    writer.write(np.concatenate(arrays).astype(np.uint16))
+
+
+def prepare(
+    sources: Sequence[str | Path] | None = None,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 1337,
+    tokenizer: str = "gpt2",
+    cache_dir: str | Path | None = None,
+    num_threads: int | None = None,
+    min_tokens: int = 0,
+    progress: bool = True,
+) -> PreparedData:
+    """Tokenize a corpus (None: the built-in one) into cached shards and return them.
+
+    Args:
+        sources: files, folders, globs or "shakespeare".
+        val_fraction: share of documents held out (by whole document; seeded).
+        seed: the split's seed.
+        tokenizer: tokenizer name.
+        cache_dir: where prepared corpora live (default: `$TINYLLM_HOME/data`).
+        num_threads: tokenizer threads (default: every core).
+        min_tokens: fail clearly if the training split has fewer tokens (e.g. one context window + 1).
+        progress: show a progress bar.
+    """
+    files = resolve_sources(sources)
+    tok = get_tokenizer(tokenizer)
+    if tok.vocab_size > 65536:
+        raise CorpusError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens; uint16 shards hold at most 65536")
+    key = _content_key(files, tokenizer=tokenizer, val_fraction=val_fraction, seed=seed)
+    root = Path(cache_dir) if cache_dir else data_cache_dir()
+    target = root / key
+    if (target / "meta.json").exists():
+        logger.info("reusing prepared data %s", target)
+        data = PreparedData.load(target)
+    else:
+        data = _build(files, target, tok=tok, val_fraction=val_fraction, seed=seed, key=key,
+                      num_threads=num_threads or os.cpu_count() or 1, progress=progress)  # fmt: skip
+    if data.num_tokens("train") < min_tokens:
+        raise CorpusError(
+            f"the training split has {data.num_tokens('train')} tokens, fewer than the {min_tokens} one context "
+            "window needs; add more text or use a smaller --block-size"
+        )
+    return data
+
+
+def _assign(doc_id: str, text: str, split: Split, val_fraction: float) -> list[tuple[str, str]]:
+    """Which split(s) a document goes to. A corpus of one document is held out by position instead:
+    its last `val_fraction` (cut at a line break) becomes the validation text."""
+    if split.num_documents == 1 and val_fraction > 0:
+        cut = _SAFE_BREAK.search(text, int(len(text) * (1 - val_fraction)))
+        if cut is not None:
+            return [("train", text[: cut.start() + 1]), ("val", text[cut.start() + 1 :])]
+    return [("val" if split.is_val(doc_id) else "train", text)]
+
+
+def _build(
+    files: Sequence[SourceFile],
+    target: Path,
+    *,
+    tok: Tokenizer,
+    val_fraction: float,
+    seed: int,
+    key: str,
+    num_threads: int,
+    progress: bool,
+) -> PreparedData:
+    started = time.perf_counter()
+    split = make_split((d for f in files for d in iter_document_ids(f)), val_fraction=val_fraction, seed=seed)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    try:
+        writers = {name: _SplitWriter(staging / f"{name}.bin") for name in SPLITS}
+        total = sum(f.path.stat().st_size for f in files)
+        buffers: dict[str, list[str]] = {name: [] for name in SPLITS}
+        sizes = dict.fromkeys(SPLITS, 0)
+        with (
+            tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress or None) as bar,
+            concurrent.futures.ThreadPoolExecutor(num_threads) as pool,
+        ):
+            for f in files:
+                for doc in iter_documents(f):
+                    for name, text in _assign(doc.id, doc.text, split, val_fraction):
+                        writers[name].documents += 1
+                        writers[name].bytes += len(text.encode("utf-8"))
+                        buffers[name].append(text)
+                        sizes[name] += len(text)
+                        if sizes[name] >= BATCH_CHARS:
+                            _encode_batch(tok, buffers[name], writers[name], pool)
+                            buffers[name], sizes[name] = [], 0
+                bar.update(f.path.stat().st_size)
+            for name in SPLITS:
+                if buffers[name]:
+                    _encode_batch(tok, buffers[name], writers[name], pool)
+        for w in writers.values():
+            w.close()
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer": tok.name,
+            "vocab_size": tok.vocab_size,
+            "eot_token": tok.eot_token,
+            "dtype": "uint16",
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "content_hash": key,
+            "sources": sorted({f.doc_id.split("/", 1)[0] if "/" in f.doc_id else str(f.path) for f in files}),
+            "files": len(files),
+            "splits": {
+                name: {"documents": w.documents, "bytes": w.bytes, "tokens": w.tokens} for name, w in writers.items()
+            },
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.perf_counter() - started, 3),
+            "tinyllm_version": __version__,
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process finished the same corpus first: use theirs
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("prepared %s in %.1fs", target, time.perf_counter() - started)
+    return PreparedData.load(target)
+
+
+class BatchSampler:
+    """Random (B, T) input/target windows from a token stream, seeded and resumable.
+
+    Each distributed rank draws from its own stream (seed + rank), so ranks see different batches.
+    """
+
+    def __init__(self, tokens: np.ndarray, *, batch_size: int, block_size: int, seed: int = 0, rank: int = 0) -> None:
+        if batch_size < 1 or block_size < 1:
+            raise ValueError(f"batch_size and block_size must be positive, got {batch_size}, {block_size}")
+        if len(tokens) < block_size + 1:
+            raise CorpusError(
+                f"the token stream has {len(tokens)} tokens, fewer than one context window of {block_size} + 1; "
+                "add more text or use a smaller block size"
+            )
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.seed = seed + rank
+        self.rng = np.random.Generator(np.random.PCG64(self.seed))
+        self.batches_drawn = 0
+
+    def next_batch(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs x and targets y, both (B, T) int64; y is x shifted by one token."""
+        T = self.block_size
+        starts = self.rng.integers(0, len(self.tokens) - T, size=self.batch_size)
+        windows = np.stack([np.asarray(self.tokens[s : s + T + 1], dtype=np.int64) for s in starts])  # (B, T+1)
+        batch = torch.from_numpy(windows)
+        self.batches_drawn += 1
+        device = torch.device(device)
+        if device.type == "cuda":
+            batch = batch.pin_memory().to(device, non_blocking=True)
+        else:
+            batch = batch.to(device)
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position of the stream, for exact resume."""
+        return {"seed": self.seed, "batches_drawn": self.batches_drawn, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = state["seed"]
+        self.batches_drawn = state["batches_drawn"]
+        self.rng.bit_generator.state = state["rng"]

@@ -1,0 +1,53 @@
+"""The command line: subcommands print what they say and user errors exit 2 with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tinyllm.cli import main
+
+
+def test_tokenize_json(gpt2_tokenizer, capsys):
+    assert main(["tokenize", "The future of AI is", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"ids": [464, 2003, 286, 9552, 318], "tokens": ["The", " future", " of", " AI", " is"]}
+
+
+def test_tokenize_table(gpt2_tokenizer, capsys):
+    assert main(["tokenize", "Hello world"]) == 0
+    out = capsys.readouterr().out
+    assert "15496  'Hello'" in out and "995  ' world'" in out and "2 tokens, 11 bytes" in out
+
+
+def test_prepare_prints_split_statistics(tinyllm_home, gpt2_tokenizer, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f"d{i}.txt").write_text("word " * 50)
+    assert main(["prepare", str(corpus), "--val-fraction", "0.2"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["train"], ["val"])}
+    assert lines["train"][1] == "4" and lines["val"][1] == "1"
+    assert lines["train"][2] == "1,000"  # 4 documents x 250 bytes
+    assert lines["train"][3] == "208"  # 50 words, the trailing space, end-of-text: 52 per document
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["prepare", "/definitely/missing.txt"], "no such file or folder"),
+        (["prepare", "--val-fraction", "2"], "val_fraction must be in [0, 1)"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tinyllm_home, argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_unknown_command_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["nope"])
+    assert info.value.code == 2

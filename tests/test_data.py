@@ -1,0 +1,128 @@
+"""Token shards cached by content hash, the document split on disk, and the batch sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tinyllm import data as data_mod
+from tinyllm.corpus import CorpusError
+from tinyllm.data import BatchSampler, PreparedData, prepare
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(10):
+        (root / f"doc{i:02d}.txt").write_text(f"Document number {i}.\n" + "To be or not to be. " * (5 + i))
+    return root
+
+
+def _docs_of(tok, tokens: np.ndarray) -> list[str]:
+    """Split a token stream at end-of-text tokens back into document texts."""
+    out, cur = [], []
+    for t in tokens.tolist():
+        if t == tok.eot_token:
+            out.append(tok.decode(cur))
+            cur = []
+        else:
+            cur.append(t)
+    assert not cur, "every document ends with end-of-text"
+    return out
+
+
+def test_prepare_splits_by_whole_document(tinyllm_home, gpt2_tokenizer, corpus):
+    data = prepare([corpus], val_fraction=0.2, seed=1, progress=False)
+    texts = {p.read_text() for p in corpus.iterdir()}
+    train, val = _docs_of(gpt2_tokenizer, data.tokens("train")), _docs_of(gpt2_tokenizer, data.tokens("val"))
+    assert len(val) == 2 and len(train) == 8
+    assert set(train) | set(val) == texts and not set(train) & set(val)
+    meta = data.meta
+    assert meta["splits"]["val"]["documents"] == 2
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == sum(len(t.encode()) for t in texts)
+    assert data.num_tokens("train") == len(data.tokens("train"))
+    assert meta["tokenizer"] == "gpt2" and data.tokens("train").dtype == np.uint16
+    assert data.dir.parent == tinyllm_home / "data"
+
+
+def test_cache_is_reused_and_invalidated_by_content(tinyllm_home, gpt2_tokenizer, corpus, monkeypatch):
+    first = prepare([corpus], progress=False)
+    calls = []
+    real_build = data_mod._build
+    monkeypatch.setattr(data_mod, "_build", lambda *a, **k: calls.append(1) or real_build(*a, **k))
+    again = prepare([corpus], progress=False)
+    assert again.dir == first.dir and calls == []
+    (corpus / "doc03.txt").write_text("A changed document.")
+    changed = prepare([corpus], progress=False)
+    assert changed.dir != first.dir and calls == [1]
+    assert prepare([corpus], seed=2, progress=False).dir != changed.dir  # the split is part of the key
+
+
+def test_failed_prepare_leaves_no_cache(tinyllm_home, gpt2_tokenizer, corpus):
+    (corpus / "zz.txt").write_bytes(b"\xff\xfe broken")
+    with pytest.raises(CorpusError, match="zz.txt: invalid UTF-8"):
+        prepare([corpus], progress=False)
+    cache = tinyllm_home / "data"
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_chunked_tokenization_equals_whole_text(gpt2_tokenizer, monkeypatch):
+    text = "".join(f"Line {i}: some words, and\n\n  indented {i}\n" for i in range(400))
+    monkeypatch.setattr(data_mod, "CHUNK_CHARS", 100)
+    pieces = list(data_mod._pieces(text))
+    assert len(pieces) > 10 and "".join(pieces) == text
+    assert [t for p in pieces for t in gpt2_tokenizer.encode(p)] == gpt2_tokenizer.encode(text)
+
+
+def test_single_document_is_held_out_by_position(tinyllm_home, gpt2_tokenizer, tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("".join(f"Line {i} of the only document.\n" for i in range(200)))
+    data = prepare([path], val_fraction=0.1, progress=False)
+    train, val = _docs_of(gpt2_tokenizer, data.tokens("train")), _docs_of(gpt2_tokenizer, data.tokens("val"))
+    assert train[0] + val[0] == path.read_text()
+    assert 0.05 < len(val[0]) / len(path.read_text()) < 0.15
+
+
+def test_corpus_shorter_than_a_context_window(tinyllm_home, gpt2_tokenizer, tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("Too short.")
+    with pytest.raises(CorpusError, match="fewer than the 257 one context window needs"):
+        prepare([path], min_tokens=257, progress=False)
+
+
+def test_prepared_data_load_errors(tmp_path):
+    with pytest.raises(CorpusError, match="not a prepared data directory"):
+        PreparedData.load(tmp_path)
+
+
+def test_batch_sampler_shapes_shift_and_determinism():
+    tokens = np.arange(1000, dtype=np.uint16)
+    a = BatchSampler(tokens, batch_size=4, block_size=16, seed=3)
+    x, y = a.next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y - x, torch.ones_like(x))
+    b = BatchSampler(tokens, batch_size=4, block_size=16, seed=3)
+    assert torch.equal(b.next_batch()[0], x)
+    other_rank = BatchSampler(tokens, batch_size=4, block_size=16, seed=3, rank=1)
+    assert not torch.equal(other_rank.next_batch()[0], x)
+
+
+def test_batch_sampler_resumes_exactly():
+    tokens = np.arange(5000, dtype=np.uint16)
+    straight = BatchSampler(tokens, batch_size=2, block_size=8, seed=0)
+    batches = [straight.next_batch()[0] for _ in range(6)]
+    first = BatchSampler(tokens, batch_size=2, block_size=8, seed=0)
+    for _ in range(3):
+        first.next_batch()
+    resumed = BatchSampler(tokens, batch_size=2, block_size=8, seed=123)
+    resumed.load_state_dict(first.state_dict())
+    assert all(torch.equal(resumed.next_batch()[0], b) for b in batches[3:])
+
+
+def test_batch_sampler_rejects_short_streams_and_bad_sizes():
+    with pytest.raises(CorpusError, match="fewer than one context window"):
+        BatchSampler(np.arange(10, dtype=np.uint16), batch_size=1, block_size=10)
+    with pytest.raises(ValueError, match="positive"):
+        BatchSampler(np.arange(100, dtype=np.uint16), batch_size=0, block_size=10)
