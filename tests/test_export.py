@@ -92,3 +92,25 @@ def test_export_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(ExportError, match="vocab_size 61"):
         export_hf(small, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_trained_tokenizer_travels_with_checkpoint_and_export(tmp_path: Path) -> None:
+    from tinyllm.checkpoint import load_checkpoint
+    from tinyllm.tokenizer import train_bpe
+
+    corpus = ["Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 30, "café 日本 🙂\n"]
+    tok = train_bpe(corpus, vocab_size=320)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32)).eval()
+    save_checkpoint(tmp_path / "ckpt", model=model, tokenizer=tok)
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    assert ckpt.meta["tokenizer"] == tok.name
+    assert ckpt.tokenizer().encode(corpus[0]) == tok.encode(corpus[0])
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in [*corpus, "Unseen words, glorious wïnter!"]:
+        assert hf_tok.encode(text) == tok.encode(text)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.tensor([tok.encode(corpus[0])[:32]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-5, rtol=1e-5)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from tinyllm import assets
-from tinyllm.tokenizer import TokenizerError, get_tokenizer, load_ranks
+from tinyllm.tokenizer import (
+    TokenizerError,
+    get_tokenizer,
+    load_ranks,
+    load_tokenizer,
+    save_tokenizer,
+    train_bpe,
+)
 
 
 def test_standard_gpt2_ids(gpt2_tokenizer):
@@ -52,9 +59,48 @@ def test_ranks_file_is_verified(tmp_path):
     assert load_ranks(bad, expected_sha256=None) == {b"Hello": 0}
 
 
-def test_unknown_tokenizer_name():
-    with pytest.raises(ValueError, match="unknown tokenizer"):
+def test_unknown_tokenizer_name(tinyllm_home):
+    with pytest.raises(TokenizerError, match="unknown tokenizer 'nope'.*tinyllm tokenizer train"):
         get_tokenizer("nope")
+
+
+TEXTS = [
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 20,
+    "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n" * 20,
+    "Ünïcödé and émojis 🙂 survive byte-level BPE.\n" * 5,
+]
+
+
+def test_train_bpe_round_trips_and_compresses():
+    tok = train_bpe(TEXTS, vocab_size=300)
+    assert tok.vocab_size == 300 and tok.eot_token == 299
+    assert tok.name.startswith("bpe300-")
+    small_corpus = train_bpe(TEXTS, vocab_size=5000)  # fewer merges exist than asked for: the vocab says so
+    assert small_corpus.vocab_size < 5000 and small_corpus.eot_token == small_corpus.vocab_size - 1
+    for text in [*TEXTS, "unseen wörds 日本 and bytes \x00\x7f"]:
+        assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode(TEXTS[0])
+    assert len(ids) < len(TEXTS[0].encode()) / 1.5  # learned merges, not bytes
+    assert max(ids) < tok.eot_token
+    assert train_bpe(TEXTS, vocab_size=300).name == tok.name  # deterministic, named by its ranks
+
+
+def test_trained_tokenizer_saves_and_loads(tmp_path):
+    tok = train_bpe(TEXTS, vocab_size=300)
+    save_tokenizer(tok, tmp_path / "tk")
+    loaded = load_tokenizer(tmp_path / "tk")
+    assert loaded.name == tok.name and loaded.vocab_size == 300
+    assert loaded.encode(TEXTS[1]) == tok.encode(TEXTS[1])
+    assert get_tokenizer(str(tmp_path / "tk")).encode("To be") == tok.encode("To be")
+    ranks = tmp_path / "tk" / "ranks.tiktoken"
+    ranks.write_text(ranks.read_text().replace(" 1\n", " 2\n", 1))
+    with pytest.raises(TokenizerError, match="sha256"):
+        load_tokenizer(tmp_path / "tk")
+
+
+def test_train_bpe_rejects_sizes_that_do_not_fit():
+    with pytest.raises(TokenizerError, match="vocab_size"):
+        train_bpe(TEXTS, vocab_size=70000)
 
 
 def test_ranks_sha_matches_design():

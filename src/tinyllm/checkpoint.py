@@ -41,6 +41,7 @@ from tinyllm import __version__
 from tinyllm.config import ModelConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
+from tinyllm.tokenizer import RANKS_FILE, TOKENIZER_JSON, Tokenizer, get_tokenizer, load_tokenizer, save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ _CHECKPOINT_FILES = {
     OPTIMIZER_JSON,
     TRAIN_STATE_JSON,
     TRAIN_STATE_FILE,
+    TOKENIZER_JSON,
+    RANKS_FILE,
 }
 TIED_KEY = "lm_head.weight"  # stored once, as transformer.wte.weight
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -77,6 +80,18 @@ class Checkpoint:
     config: ModelConfig
     meta: dict[str, Any]
     path: Path
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the model was trained with (stored inside the checkpoint, or GPT-2's by name)."""
+        return checkpoint_tokenizer(self.path, self.meta)
+
+
+def checkpoint_tokenizer(path: str | Path, meta: Mapping[str, Any] | None = None) -> Tokenizer:
+    """The tokenizer of the checkpoint at `path`: its own files if present, else the one its meta names."""
+    path = Path(path)
+    if (path / TOKENIZER_JSON).exists():
+        return load_tokenizer(path)
+    return get_tokenizer((meta or {}).get("tokenizer", "gpt2"))
 
 
 # --- the model's weights -------------------------------------------------------------------------
@@ -289,6 +304,7 @@ def save_checkpoint(
     meta: Mapping[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | Mapping[str, Any] | None = None,
     train_state: Mapping[str, Any] | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically and return its path.
 
@@ -299,12 +315,15 @@ def save_checkpoint(
             `created` (UTC ISO time) and `tinyllm_version` are filled in.
         optimizer: an optimizer or its state dict, saved for resuming.
         train_state: step, RNG states (see `capture_rng_state`), data position, scheduler, ...
+        tokenizer: the model's tokenizer; its files are stored inside (a trained BPE travels with its model).
     """
     inner = unwrap_model(model)
     if not isinstance(inner, GPT):
         raise TypeError(f"save_checkpoint expects a tinyllm GPT, got {type(inner).__name__}")
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     meta_json = {"tokenizer": "gpt2", **(meta or {}), "created": created, "tinyllm_version": __version__}
+    if tokenizer is not None:
+        meta_json["tokenizer"] = tokenizer.name
     texts = {
         CONFIG_FILE: json.dumps({"format_version": FORMAT_VERSION, "model": inner.config.to_dict()}, indent=2),
         META_FILE: json.dumps(meta_json, indent=2),
@@ -323,6 +342,8 @@ def save_checkpoint(
                 save_file(tensors, tmp / name, metadata={"format": "pt"})
         for name, text in texts.items():
             (tmp / name).write_text(text + "\n")
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp)
     logger.info("saved checkpoint %s", path)
     return Path(path)
 

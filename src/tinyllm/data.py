@@ -165,7 +165,7 @@ def prepare(
         sources: files, folders, globs or "shakespeare".
         val_fraction: share of documents held out (by whole document; seeded).
         seed: the split's seed.
-        tokenizer: tokenizer name.
+        tokenizer: "gpt2", a trained tokenizer's name or directory (see `tokenizer.get_tokenizer`).
         cache_dir: where prepared corpora live (default: `$TINYLLM_HOME/data`).
         num_threads: tokenizer threads (default: every core).
         min_tokens: fail clearly if the training split has fewer tokens (e.g. one context window + 1).
@@ -175,7 +175,7 @@ def prepare(
     tok = get_tokenizer(tokenizer)
     if tok.vocab_size > 65536:
         raise CorpusError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens; uint16 shards hold at most 65536")
-    key = _content_key(files, tokenizer=tokenizer, val_fraction=val_fraction, seed=seed)
+    key = _content_key(files, tokenizer=tok.name, val_fraction=val_fraction, seed=seed)
     root = Path(cache_dir) if cache_dir else data_cache_dir()
     target = root / key
     if (target / "meta.json").exists():

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from tinyllm.checkpoint import atomic_directory, load_checkpoint
 from tinyllm.errors import TinyLLMError
 from tinyllm.gpt2 import hf_config_dict, is_hf_gpt2_dir, to_hf_state_dict
+from tinyllm.tokenizer import Tokenizer, bytes_to_unicode, get_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +29,6 @@ EOT_TEXT = "<|endoftext|>"
 
 class ExportError(TinyLLMError):
     """A checkpoint cannot be exported (unknown tokenizer, vocabulary too small, bad output path)."""
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's map from each byte to a printable unicode character (printable Latin-1 maps to itself)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(printable)
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
 
 
 def _token_merge(token: bytes, rank: int, ranks: Mapping[bytes, int]) -> tuple[bytes, bytes]:
@@ -77,11 +65,9 @@ def gpt2_vocab_and_merges(ranks: Mapping[bytes, int]) -> tuple[dict[str, int], l
     return vocab, merges
 
 
-def write_gpt2_tokenizer(out_dir: Path, *, model_max_length: int) -> None:
-    """Write the GPT-2 tokenizer files (vocab.json, merges.txt, configs) into `out_dir`."""
-    from tinyllm.tokenizer import get_tokenizer
-
-    encoding = get_tokenizer("gpt2").encoding
+def write_gpt2_tokenizer(out_dir: Path, *, model_max_length: int, tokenizer: Tokenizer | None = None) -> None:
+    """Write a byte-level BPE tokenizer (GPT-2's by default) as GPT-2 tokenizer files into `out_dir`."""
+    encoding = (tokenizer or get_tokenizer("gpt2")).encoding
     eot = encoding.eot_token
     ranks = {encoding.decode_single_token_bytes(i): i for i in range(eot)}
     vocab, merges = gpt2_vocab_and_merges(ranks)
@@ -134,11 +120,11 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     if out.expanduser().absolute() == ckpt.path.expanduser().absolute():
         raise ExportError("the export directory must differ from the checkpoint directory")
-    tokenizer = ckpt.meta.get("tokenizer", "gpt2")
-    if tokenizer != "gpt2":
-        raise ExportError(f"{ckpt.path} uses tokenizer {tokenizer!r}; only gpt2 exports")
-    if ckpt.config.vocab_size < 50257:
-        raise ExportError(f"{ckpt.path} has vocab_size {ckpt.config.vocab_size}, fewer than GPT-2's 50257 tokens")
+    tokenizer = ckpt.tokenizer()
+    if ckpt.config.vocab_size < tokenizer.vocab_size:
+        raise ExportError(
+            f"{ckpt.path} has vocab_size {ckpt.config.vocab_size}, fewer than its tokenizer's {tokenizer.vocab_size}"
+        )
     state = to_hf_state_dict(ckpt.model)
     del state["lm_head.weight"]  # tied to wte; transformers ties it again (safetensors refuses shared tensors)
     dtype = ckpt.model.transformer.wte.weight.dtype
@@ -147,6 +133,6 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
         _write_json(tmp / "config.json", hf_config_dict(ckpt.config, dtype=dtype))
         eot = hf_config_dict(ckpt.config)["eos_token_id"]
         _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot})
-        write_gpt2_tokenizer(tmp, model_max_length=ckpt.config.block_size)
+        write_gpt2_tokenizer(tmp, model_max_length=ckpt.config.block_size, tokenizer=tokenizer)
     logger.info("exported %s to %s", ckpt.path, out)
     return out

