@@ -51,3 +51,18 @@ def test_unknown_command_exits_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["nope"])
     assert info.value.code == 2
+
+
+def test_tokenizer_train_then_prepare_with_it(tinyllm_home, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"d{i}.txt").write_text(f"Act {i}. Enter the king, the queen and the fool.\n" * 40)
+    assert main(["tokenizer", "train", str(corpus), "--vocab-size", "300", "--val-fraction", "0.2"]) == 0
+    name = capsys.readouterr().out.split()[1].rstrip(":")
+    assert name.startswith("bpe300-") and (tinyllm_home / "tokenizers" / name / "tokenizer.json").exists()
+    assert main(["prepare", str(corpus), "--val-fraction", "0.2", "--tokenizer", name]) == 0
+    out = capsys.readouterr().out
+    assert f"tokenizer {name}" in out
+    train_row = next(line.split() for line in out.splitlines() if line.startswith("train"))
+    assert float(train_row[4]) > 3  # a tokenizer trained on this text packs several bytes per token

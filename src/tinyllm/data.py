@@ -37,7 +37,14 @@ from tinyllm.corpus import (
     make_split,
     resolve_sources,
 )
-from tinyllm.tokenizer import Tokenizer, get_tokenizer
+from tinyllm.tokenizer import (
+    TOKENIZER_JSON,
+    Tokenizer,
+    get_tokenizer,
+    save_tokenizer,
+    train_bpe,
+    trained_tokenizers_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +277,46 @@ def _build(
         raise
     logger.info("prepared %s in %.1fs", target, time.perf_counter() - started)
     return PreparedData.load(target)
+
+
+def train_tokenizer(
+    sources: Sequence[str | Path] | None = None,
+    *,
+    vocab_size: int,
+    val_fraction: float = 0.1,
+    seed: int = 1337,
+) -> Tokenizer:
+    """Train a byte-level BPE on the training split of a corpus and cache it under its name.
+
+    Only training documents are seen, so the held-out text stays unseen by the tokenizer too. Training
+    is deterministic: the same corpus, split and size give the same tokenizer (and name), reused from
+    `$TINYLLM_HOME/tokenizers` on later calls.
+    """
+    files = resolve_sources(sources)
+    split = make_split((d for f in files for d in iter_document_ids(f)), val_fraction=val_fraction, seed=seed)
+
+    def train_texts() -> Iterator[str]:
+        for f in files:
+            for doc in iter_documents(f):
+                for name, text in _assign(doc.id, doc.text, split, val_fraction):
+                    if name == "train":
+                        yield text
+
+    tok = train_bpe(train_texts(), vocab_size=vocab_size)
+    target = trained_tokenizers_dir() / tok.name
+    if not (target / TOKENIZER_JSON).exists():
+        staging = Path(tempfile.mkdtemp(prefix=f".{tok.name}-", dir=_mkdir(trained_tokenizers_dir())))
+        save_tokenizer(tok, staging)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process saved the same tokenizer first
+            shutil.rmtree(staging, ignore_errors=True)
+    return tok
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 class BatchSampler:
