@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -60,7 +61,9 @@ def test_tokenizer_train_then_prepare_with_it(tinyllm_home, tmp_path, capsys):
         (corpus / f"d{i}.txt").write_text(f"Act {i}. Enter the king, the queen and the fool.\n" * 40)
     assert main(["tokenizer", "train", str(corpus), "--vocab-size", "300", "--val-fraction", "0.2"]) == 0
     name = capsys.readouterr().out.split()[1].rstrip(":")
-    assert name.startswith("bpe300-") and (tinyllm_home / "tokenizers" / name / "tokenizer.json").exists()
+    # a tiny corpus may offer fewer merges than asked for; the name carries the real size
+    assert re.fullmatch(r"bpe\d+-[0-9a-f]{10}", name) and int(name[3:].split("-")[0]) <= 300
+    assert (tinyllm_home / "tokenizers" / name / "tokenizer.json").exists()
     assert main(["prepare", str(corpus), "--val-fraction", "0.2", "--tokenizer", name]) == 0
     out = capsys.readouterr().out
     assert f"tokenizer {name}" in out
