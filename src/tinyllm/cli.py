@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from tinyllm.errors import TinyLLMError
 
@@ -114,7 +115,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 # --- train / finetune ---------------------------------------------------------------------------
 
 _TRAIN_OPTIONS = ["batch_size", "block_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay"]
-_TRAIN_OPTIONS += ["eval_interval", "eval_iters", "device", "dtype", "compile", "run_dir", "resume", "seed"]
+_TRAIN_OPTIONS += ["eval_interval", "eval_minutes", "eval_iters", "device", "dtype", "compile", "run_dir", "resume"]
+_TRAIN_OPTIONS += ["seed"]
 _BUDGETS = ("max_steps", "max_tokens", "max_minutes")
 
 
@@ -132,10 +134,11 @@ def _add_training_options(p: argparse.ArgumentParser, *, defaults: dict) -> None
     p.add_argument("--warmup-steps", type=int, metavar="N", help=f"linear warmup ({defaults['warmup_steps']})")
     p.add_argument("--weight-decay", type=float, help=f"AdamW decay on 2-D weights ({defaults['weight_decay']:g})")
     p.add_argument("--eval-interval", type=int, metavar="N", help=f"eval + save every N ({defaults['eval_interval']})")
+    p.add_argument("--eval-minutes", type=float, metavar="M", help=f"... or M minutes ({defaults['eval_minutes']:g})")
     p.add_argument("--eval-iters", type=int, metavar="N", help=f"validation batches ({defaults['eval_iters']})")
     p.add_argument("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (auto)")
     dtypes = ["auto", "float32", "bfloat16", "float16"]
-    p.add_argument("--dtype", choices=dtypes, help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU (faster there)")
+    p.add_argument("--dtype", choices=dtypes, help="autocast dtype; auto: bf16 on CUDA, on CPU where measured faster")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--run-dir", help=f"checkpoints, metrics.jsonl, loss.png ({defaults['run_dir']})")
     p.add_argument("--resume", action="store_true", default=None, help="continue run-dir/last exactly")
@@ -312,10 +315,153 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_cmd_tokenizer_train)
 
 
+# --- run (make run) --------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from tinyllm.checkpoint import find_checkpoint
+
+    run_dir = Path(args.run_dir)
+    checkpoint = find_checkpoint(run_dir)
+    if checkpoint is None:
+        from tinyllm.train import train_default
+
+        logger.info("no checkpoint in %s: training the default model for %g minutes", run_dir, args.minutes)
+        train_default(minutes=args.minutes, run_dir=run_dir)
+        checkpoint = find_checkpoint(run_dir)
+    else:
+        logger.info("serving the existing checkpoint %s (delete %s to train again)", checkpoint, run_dir)
+    from tinyllm.server import ServerSettings, serve
+
+    serve(ServerSettings.from_env(host=args.host, port=args.port, checkpoint=str(run_dir)))
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="train the default model if none exists, then serve it (what `make run` does)")
+    p.add_argument("--run-dir", default="runs/default", help="where the default model lives (default runs/default)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget when no checkpoint exists")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, or $TINYLLM_HOST)")
+    p.add_argument("--port", type=int, default=None, help="port (default 5000, or $TINYLLM_PORT)")
+    p.set_defaults(func=_cmd_run)
+
+
+# --- generate -----------------------------------------------------------------------------------
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from tinyllm.checkpoint import resolve_model
+    from tinyllm.engine import generate, prepare_for_inference, stream
+    from tinyllm.sampling import SamplingParams
+    from tinyllm.tokenizer import get_tokenizer
+
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        stop=tuple(args.stop or ()),
+        ignore_eos=args.ignore_eos,
+    )  # validated before the model loads
+    model, meta = resolve_model(args.model, device=args.device)
+    prepare_for_inference(model, dtype=args.dtype, quantize=args.quantize)
+    tok = get_tokenizer(str(meta.get("tokenizer", "gpt2")))
+    prompt = tok.encode(args.prompt) or [tok.eot_token]  # an empty prompt starts from end-of-text, as GPT-2 does
+    options = dict(eos_token_id=tok.eot_token, tokenizer=tok, truncate=True)
+    start = time.perf_counter()
+    if args.stream:
+        sys.stdout.write(args.prompt)
+        for event in stream(model, prompt, params, **options):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        result = event.result
+        sys.stdout.write("\n")
+    else:
+        (result,) = generate(model, [prompt], params, **options)
+        print(args.prompt + (result.text or ""))
+    elapsed = time.perf_counter() - start
+    logger.info(
+        "%d prompt + %d new tokens in %.2f s (%.1f tokens/s), finish reason: %s%s",
+        result.prompt_tokens,
+        result.completion_tokens,
+        elapsed,
+        result.completion_tokens / elapsed,
+        result.finish_reason,
+        f" (prompt cut by {result.prompt_truncated} tokens to fit the context)" if result.prompt_truncated else "",
+    )
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from tinyllm.sampling import SamplingParams
+
+    d = SamplingParams()
+    p = sub.add_parser("generate", help="generate text from a prompt with a checkpoint or GPT-2")
+    p.add_argument("--model", required=True, help="a checkpoint or run directory, gpt2, a hub id or a HF GPT-2 dir")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"({d.max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy ({d.temperature})")
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off ({d.top_k})")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off ({d.top_p})")
+    p.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off ({d.min_p})")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1 = off (1.0)")
+    p.add_argument("--presence-penalty", type=float, default=d.presence_penalty, help="-2..2 (0.0)")
+    p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, help="-2..2 (0.0)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights (float32: exact)")
+    p.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None, help="int8 weights (lossy)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    p.set_defaults(func=_cmd_generate)
+
+
+# --- serve --------------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tinyllm.server import ServerSettings, serve
+
+    overrides: dict = {"host": args.host, "port": args.port}  # None: from $TINYLLM_* or the default
+    if args.checkpoint is not None:
+        overrides["checkpoint"] = args.checkpoint
+    if args.no_gpt2:
+        overrides["gpt2"] = None
+    elif args.gpt2 is not None:
+        overrides["gpt2"] = args.gpt2
+    if args.api_key is not None:
+        overrides["api_key"] = args.api_key
+    serve(ServerSettings.from_env(**overrides))
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve your checkpoint next to GPT-2: seed routes, OpenAI-compatible API, page")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, or $TINYLLM_HOST)")
+    p.add_argument("--port", type=int, default=None, help="port (default 5000, or $TINYLLM_PORT)")
+    p.add_argument(
+        "--checkpoint", default=None, metavar="DIR", help="checkpoint or run directory (default runs/default)"
+    )
+    gpt2 = p.add_mutually_exclusive_group()
+    gpt2.add_argument("--gpt2", default=None, metavar="SOURCE", help="GPT-2 hub id or local directory")
+    gpt2.add_argument("--no-gpt2", action="store_true", help="serve without GPT-2")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (prefer $TINYLLM_API_KEY)")
+    p.set_defaults(func=_cmd_serve)
+
+
 # --- parser -------------------------------------------------------------------------------------
 
 # Each entry adds one subcommand; modules that own a subcommand add theirs here.
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_run,
     _add_fetch_assets,
     _add_tokenize,
     _add_prepare,
@@ -325,6 +471,8 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_finetune,
     _add_evaluate,
     _add_compare,
+    _add_generate,
+    _add_serve,
 ]
 
 

@@ -91,3 +91,142 @@ PRESETS: dict[str, ModelConfig] = {
     "gpt2-large": ModelConfig(block_size=1024, n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": ModelConfig(block_size=1024, n_layer=48, n_head=25, n_embd=1600),
 }
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training (or fine-tuning) run: model, data, optimizer, schedule, budgets, evaluation, where to write.
+
+    Training stops at the first budget reached (`max_steps`, `max_tokens`, `max_minutes` of wall clock) and
+    the learning-rate schedule (linear warmup, then cosine decay to `min_lr`) follows that budget.
+
+    Attributes:
+        preset: name in `PRESETS` for a model trained from scratch (ignored with `model` or `init_from`).
+        model: an explicit model shape; wins over `preset`.
+        init_from: fine-tune from "gpt2", a hub id, a Hugging Face GPT-2 directory or a tinyllm checkpoint.
+        data: files, folders, globs or "shakespeare"; empty means the built-in corpus.
+        val_fraction: share of documents held out for validation.
+        batch_size: sequences per micro-batch (per process under DDP).
+        block_size: context length trained on; None means the model's (capped at the model's when fine-tuning).
+        grad_accum: micro-batches per optimizer step.
+        lr: peak learning rate; min_lr: where the cosine ends (None: lr / 10).
+        warmup_steps: linear warmup length in optimizer steps.
+        weight_decay: AdamW decay on 2-D weights (biases, norms and other 1-D parameters are not decayed).
+        betas: AdamW betas. grad_clip: max global gradient norm (0 disables clipping).
+        max_steps, max_tokens, max_minutes: budgets; at least one is set.
+        eval_interval: evaluate, sample and checkpoint every this many steps (and at the end) ...
+        eval_minutes: ... or when this many wall-clock minutes passed since the last time (None: steps only),
+            so a slow machine still gets curve points and checkpoints.
+        eval_iters: validation batches per evaluation (fixed windows, the same every time).
+        log_interval: steps between metrics lines.
+        seed: seeds model init, data order and sampling.
+        device: "auto" (cuda > mps > cpu) or a torch device string.
+        dtype: autocast dtype; "auto" is bfloat16 on CUDA (float16 without bf16 support), on CPU bfloat16 where
+            a quick probe measures bf16 matmuls clearly faster (native bf16 units), else float32.
+        compile: wrap the model in `torch.compile`.
+        run_dir: where checkpoints (`last/`, `best/`), metrics.jsonl and loss.png go.
+        resume: continue the run in `run_dir/last` exactly where it stopped.
+        sample_prompt, sample_tokens: the short sample shown at each evaluation.
+    """
+
+    preset: str = "default"
+    model: ModelConfig | None = None
+    init_from: str | None = None
+    data: tuple[str, ...] = ()
+    val_fraction: float = 0.1
+    batch_size: int = 8
+    block_size: int | None = None
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr: float | None = None
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_minutes: float | None = 10.0
+    eval_interval: int = 100
+    eval_minutes: float | None = 2.0
+    eval_iters: int = 8
+    log_interval: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    run_dir: str = "runs/default"
+    resume: bool = False
+    sample_prompt: str = "\n"
+    sample_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", tuple(str(d) for d in self.data))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "run_dir", str(self.run_dir))
+        if self.model is None and self.init_from is None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        positive = ["batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "sample_tokens"]
+        for name in positive + ["block_size", "max_steps", "max_tokens"]:
+            value = getattr(self, name)
+            if (value is not None or name in positive) and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
+            raise ValueError("set a budget: max_steps, max_tokens or max_minutes")
+        for name in ("max_minutes", "eval_minutes"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr!r}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("warmup_steps, weight_decay and grad_clip must not be negative")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+
+    @property
+    def final_lr(self) -> float:
+        """Where the cosine decay ends."""
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    def model_config(self) -> ModelConfig:
+        """The shape of a model trained from scratch: `model` or the preset, with `block_size` applied."""
+        base = self.model if self.model is not None else PRESETS[self.preset]
+        return base if self.block_size is None else dataclasses.replace(base, block_size=self.block_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (stored in checkpoint metadata)."""
+        out = dataclasses.asdict(self)
+        out["data"], out["betas"] = list(self.data), list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`, rejecting unknown keys."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {', '.join(sorted(unknown))}")
+        data = dict(data)
+        if isinstance(data.get("model"), dict):
+            data["model"] = ModelConfig.from_dict(data["model"])
+        return cls(**data)
+
+
+# Fine-tuning starts from trained weights: a low peak LR, a short warmup, frequent evaluation.
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "lr": 6e-5,
+    "min_lr": 6e-6,
+    "warmup_steps": 10,
+    "eval_interval": 50,
+    "run_dir": "runs/finetune",
+}

@@ -1,0 +1,185 @@
+"""The one place that turns exceptions into HTTP answers.
+
+Every error is JSON. Routes under `/v1/` answer in OpenAI's shape, so the `openai` SDK raises its usual
+exceptions; every other route answers in a flat shape with the same fields:
+
+    /v1/*:   {"error": {"message": "...", "type": "...", "param": "...", "code": "..."}}
+    others:  {"detail": "...", "type": "...", "param": "...", "code": "..."}
+
+Statuses: 400 bad input (invalid JSON, prompt longer than the context, inconsistent sampling), 401 missing
+or wrong API key, 404 unknown route or model, 413 body too large, 422 a field fails validation (`param`
+names it), 429 queue full (with Retry-After), 503 model not loaded / still loading / no slot before the
+deadline (with Retry-After where waiting helps), 500 only for bugs: a generic message, the traceback goes
+to the log and never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tinyllm.errors import TinyLLMError
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(TinyLLMError):
+    """An error with its HTTP status, OpenAI error `type`, and optional `param`, `code` and headers."""
+
+    status: int = 400
+    type: str = "invalid_request_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        if status is not None:
+            self.status = status
+        self.headers = dict(headers or {})
+
+
+class AuthenticationError(APIError):
+    status, type = 401, "authentication_error"
+
+
+class NotFoundError(APIError):
+    status, type = 404, "not_found_error"
+
+
+class PayloadTooLargeError(APIError):
+    status = 413
+
+
+class OverloadedError(APIError):
+    """The model's queue is full: try again shortly."""
+
+    status, type = 429, "rate_limit_error"
+
+
+class UnavailableError(APIError):
+    """The model is not loaded (or still loading), or no slot freed up before the deadline."""
+
+    status, type = 503, "service_unavailable"
+
+
+class ClientClosedError(APIError):
+    """The client went away before the answer (nginx's 499, for the access log; nobody reads the body)."""
+
+    status, type = 499, "client_closed_request"
+
+
+class ServerError(APIError):
+    """A failure inside the server that is not the client's doing; the message holds no internals."""
+
+    status, type = 500, "server_error"
+
+
+def _param_from_message(message: str) -> str | None:
+    """SamplingError messages start with the parameter's name ("top_p must be ...")."""
+    first = message.split(" ", 1)[0]
+    return first if first.isidentifier() else None
+
+
+def to_api_error(exc: TinyLLMError) -> APIError:
+    """The HTTP meaning of a tinyllm error (matched by class name along its MRO, so nothing heavy is imported)."""
+    if isinstance(exc, APIError):
+        return exc
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    message = str(exc)
+    if "QueueFullError" in names:
+        return OverloadedError(message, code="queue_full", headers={"Retry-After": "1"})
+    if "PromptTooLongError" in names:
+        return APIError(message, param="prompt", code="context_length_exceeded")
+    if "InvalidPromptError" in names:
+        return APIError(message, param="prompt", code="invalid_prompt")
+    if "SamplingError" in names:
+        return APIError(message, param=_param_from_message(message), code="invalid_value")
+    if names & {"GPT2UnavailableError", "CheckpointError", "TokenizerError"}:
+        return UnavailableError(message, code="model_unavailable")
+    return APIError(message)
+
+
+def error_body(
+    path: str, *, message: str, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """The JSON error body for a request to `path` (OpenAI's shape under /v1/)."""
+    if path.startswith("/v1/") or path == "/v1":
+        return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return {"detail": message, "type": type, "param": param, "code": code}
+
+
+def error_response(path: str, error: APIError) -> JSONResponse:
+    body = error_body(path, message=error.message, type=error.type, param=error.param, code=error.code)
+    return JSONResponse(body, status_code=error.status, headers=error.headers or None)
+
+
+def internal_error_response(path: str) -> JSONResponse:
+    """What a bug looks like to the client: no internals."""
+    body = error_body(path, message="internal server error; the server log has the details", type="server_error")
+    return JSONResponse(body, status_code=500)
+
+
+def _loc_to_param(loc: Sequence[Any]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
+    """A 400 for a body that is not JSON, else a 422 naming the first offending field."""
+    if not errors:
+        return APIError("invalid request", status=422)
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        pos = first.get("loc", ("body", "?"))[-1]
+        reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+        return APIError(f"request body is not valid JSON ({reason} at position {pos})", code="invalid_json")
+    messages = []
+    for err in errors[:5]:
+        where = _loc_to_param(err.get("loc", ())) or "body"
+        messages.append(f"{where}: {err.get('msg', 'invalid')}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return APIError("; ".join(messages) + more, param=_loc_to_param(first.get("loc", ())), status=422)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers; the catch-all for bugs lives in the request middleware (see middleware.py)."""
+
+    async def on_tinyllm_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, TinyLLMError)
+        error = to_api_error(exc)
+        logger.info("%s %s -> %d %s", request.method, request.url.path, error.status, error.message)
+        return error_response(request.url.path, error)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(request.url.path, validation_error(exc.errors()))
+
+    async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        kind = {401: AuthenticationError, 404: NotFoundError, 413: PayloadTooLargeError}.get(exc.status_code, APIError)
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        error = kind(message, status=exc.status_code, headers=exc.headers)
+        if exc.status_code >= 500:
+            error.type = "server_error"
+        return error_response(request.url.path, error)
+
+    app.add_exception_handler(TinyLLMError, on_tinyllm_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_exception)

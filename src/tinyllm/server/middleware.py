@@ -1,0 +1,167 @@
+"""Pure ASGI middleware (streaming-safe, unlike `BaseHTTPMiddleware`), outermost first:
+
+1. `RequestContextMiddleware`: X-Request-ID (echoed, or generated), one structured access-log line per
+   request, request metrics, and the catch-all that turns a bug into a generic 500 JSON and logs it.
+2. `APIKeyMiddleware`: `Authorization: Bearer <key>` on every route but the public ones (401 JSON).
+3. `BodyLimitMiddleware`: 413 JSON for a body over the limit, by Content-Length or by counting a streamed
+   (chunked) body; the body is read here and replayed to the app.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tinyllm.server.errors import AuthenticationError, PayloadTooLargeError, error_response, internal_error_response
+from tinyllm.server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("tinyllm.server.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Reachable without the API key: liveness, the web page (which then sends the key itself) and the API docs.
+PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PUBLIC_PREFIXES = ("/static/",)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestContextMiddleware:
+    """Request id, access log, metrics and the last line of defence against bugs."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, REQUEST_ID_HEADER.encode())
+        request_id = incoming if incoming and _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        start = time.perf_counter()
+        status = 500
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER.encode()]
+                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:  # a bug: log it with the request id, answer without internals
+            logger.exception("unhandled error in %s %s (request id %s)", scope["method"], scope["path"], request_id)
+            if not started:
+                await internal_error_response(scope["path"])(scope, receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - start
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.observe_request(method=scope["method"], route=route, status=status, seconds=seconds)
+            access_logger.info(
+                "method=%s path=%s status=%d duration_ms=%.1f request_id=%s",
+                scope["method"],
+                scope["path"],
+                status,
+                seconds * 1000,
+                request_id,
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 1),
+                    "request_id": request_id,
+                },
+            )
+
+
+class APIKeyMiddleware:
+    """Require `Authorization: Bearer <api_key>` outside the public paths."""
+
+    def __init__(self, app: ASGIApp, *, api_key: str, public_paths: Iterable[str] = PUBLIC_PATHS) -> None:
+        self.app = app
+        self.expected = api_key.encode()
+        self.public_paths = frozenset(public_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.public_paths or path.startswith(PUBLIC_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        auth = _header(scope, b"authorization") or ""
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.expected):
+            await self.app(scope, receive, send)
+            return
+        reason = "missing API key" if not auth else "invalid API key"
+        error = AuthenticationError(
+            f"{reason}: send the server's key as `Authorization: Bearer <key>` (see TINYLLM_API_KEY)",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await error_response(path, error)(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Reject bodies over `max_bytes` with 413 before the app parses them."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self, scope: Scope) -> ASGIApp:
+        return error_response(
+            scope["path"],
+            PayloadTooLargeError(f"request body is larger than the server's limit of {self.max_bytes} bytes"),
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope)(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its body
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(scope)(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later calls wait for http.disconnect, as the server would
+
+        await self.app(scope, replay, send)

@@ -1,0 +1,103 @@
+"""Request and response bodies of the seed routes (/generate/*), /tokenize and the operations routes.
+
+Bounds live here (pydantic `Field(ge=, le=)`), so a bad value is a 422 naming the field before any work.
+Sampling fields left out (or null) take the server's defaults (`ServerSettings.sampling`).
+The OpenAI-compatible bodies are in `schemas_openai.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_NEW_TOKENS_BOUND = 4096  # the schema's bound; the server's own cap (`max_new_tokens_cap`) may be lower
+MAX_STOP = 4
+MAX_STOP_CHARS = 64
+MAX_SEED = 2**63 - 1
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
+
+
+class SamplingFields(BaseModel):
+    """Sampling knobs shared by the seed routes (and, as extensions, the OpenAI routes)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=MAX_NEW_TOKENS_BOUND, description="new tokens to generate (default 64)"
+    )
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy (default 0.8)")
+    top_k: int | None = Field(None, ge=0, le=100_000, description="keep the k likeliest tokens; 0 = off (default 50)")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus mass; 1 = off (default 0.95)")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="drop tokens below min_p x the top one (default 0)")
+    repetition_penalty: float | None = Field(
+        None, ge=0.1, le=10.0, description="divides logits of tokens already seen; 1 = off (default 1.2)"
+    )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed for reproducible sampling")
+    stop: Stop = Field(None, description="up to 4 strings that end generation (cut from the text)")
+    truncate_prompt: bool = Field(
+        False, description="drop tokens from the prompt's start when it does not fit the context (else 400)"
+    )
+
+
+class GenerateRequest(SamplingFields):
+    """The seed contract: `{"prompt": "..."}` plus optional sampling fields and `stream`."""
+
+    prompt: str = Field(..., description="text to continue (an empty prompt starts from <|endoftext|>)")
+    stream: bool = Field(False, description="answer with server-sent events of text deltas")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={"examples": [{"prompt": "The future of AI is"}]},
+    )
+
+
+class GenerateResponse(BaseModel):
+    """Exactly the seed's answer: the prompt followed by its continuation."""
+
+    generated_text: str
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(..., description="text to split into GPT-2 tokens")
+
+
+class TokenizeResponse(BaseModel):
+    ids: list[int]
+    tokens: list[str] = Field(..., description="each token's own text (part of a character shows as U+FFFD)")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ModelState(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    state: Literal["loading", "ready", "unavailable", "stopped"]
+    error: str | None = None
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready", "unavailable"]
+    models: dict[str, ModelState]
+
+
+class ErrorDetail(BaseModel):
+    """The error body of the non-/v1 routes."""
+
+    detail: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries documenting the flat error body."""
+    return {s: {"model": ErrorDetail} for s in statuses}

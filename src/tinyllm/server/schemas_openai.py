@@ -1,0 +1,218 @@
+"""OpenAI-compatible bodies: /v1/models, /v1/completions, /v1/chat/completions (requests, responses, chunks).
+
+Requests follow OpenAI's field names and defaults (temperature 1, top_p 1, 16 tokens for completions);
+unknown fields are ignored as OpenAI-style servers do. Extensions in vLLM's style: `top_k`, `min_p`,
+`repetition_penalty`, `truncate_prompt`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tinyllm.sampling import MAX_TOP_LOGPROBS
+from tinyllm.server.schemas import MAX_NEW_TOKENS_BOUND, MAX_SEED, Stop
+
+MAX_N = 8
+MAX_PROMPTS = 16
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape."""
+
+    error: ErrorBody
+
+
+def openai_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorResponse} for s in statuses}
+
+
+# --- models ------------------------------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tinyllm"
+    ready: bool = Field(..., description="whether the model answers now (else see `state` and `error`)")
+    state: str
+    error: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- shared request fields -------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str = Field("custom", description='"custom" (your checkpoint) or "gpt2"')
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt")
+    stop: Stop = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+    # extensions (vLLM's names)
+    top_k: int | None = Field(None, ge=0, le=100_000, description="extension: keep the k likeliest tokens")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="extension: min-p filter")
+    repetition_penalty: float | None = Field(None, ge=0.1, le=10.0, description="extension: CTRL-style penalty")
+    truncate_prompt: bool = Field(False, description="extension: left-truncate a prompt that does not fit")
+
+
+# --- completions -------------------------------------------------------------------------------------------------
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Prompt = str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
+PromptOrBatch = Prompt | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: PromptOrBatch = Field(..., description="a string, a list of strings, token ids, or lists of token ids")
+    max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS_BOUND)
+    logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of each token and the top N")
+    echo: bool = Field(False, description="prepend the prompt to the text")
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    """Also the shape of each streamed chunk (with `usage` null except in the usage chunk)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+# --- chat --------------------------------------------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_BOUND, description="default: the server's 64")
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_BOUND, description="alias of max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobEntry] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None

@@ -1,0 +1,145 @@
+"""The server's configuration: one frozen dataclass, read from the environment only in `from_env`.
+
+Besides cli.py this is the only place that reads the environment: TINYLLM_HOST, TINYLLM_PORT,
+TINYLLM_API_KEY, TINYLLM_CHECKPOINT and TINYLLM_GPT2 (set it to "", "0", "none" or "off" to disable GPT-2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tinyllm.errors import TinyLLMError
+
+DEFAULT_GPT2_SOURCE = "openai-community/gpt2"
+DEFAULT_RUN_DIR = "runs/default"
+_OFF = {"", "0", "none", "off", "false", "no"}
+_NULLABLE = {"checkpoint", "gpt2", "api_key"}
+
+
+class SettingsError(TinyLLMError):
+    """A server setting is out of range or an environment variable cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a bare `{"prompt": ...}` on the seed routes gets.
+
+    Chosen for small models, whose failure mode is a loop ("The future of AI is is is is is"): a cooled
+    distribution cut to the 50 likeliest tokens and a 95% nucleus, plus a CTRL-style repetition penalty of
+    1.2 that divides the logits of tokens already seen. The OpenAI routes keep OpenAI's own defaults
+    (temperature 1, top_p 1, 16 tokens) so existing clients behave as they expect.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    min_p: float = 0.0
+    repetition_penalty: float = 1.2
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything `create_app` needs; defaults are safe for a laptop (loopback only, no key).
+
+    Attributes:
+        host: interface to bind; 127.0.0.1 keeps the server private to this machine.
+        port: TCP port.
+        checkpoint: a checkpoint directory or a run directory holding best/ or last/; None disables the
+            custom model.
+        gpt2: a Hugging Face hub id or a local GPT-2 directory; None disables the GPT-2 model.
+        api_key: when set, every route except /health, the web page and the API docs needs
+            `Authorization: Bearer <api_key>`.
+        max_queue: requests waiting for a slot, per model; beyond it the server answers 429.
+        slots: sequences decoded together per model (the continuous batch).
+        max_body_bytes: largest request body; larger ones get 413.
+        request_timeout_s: deadline of one generation; see `tinyllm.server.generation` for what happens at it.
+        max_new_tokens_cap: the most new tokens one request may ask for.
+        device: torch device for the models ("cpu", "cuda", ...).
+        load_wait_s: how long startup waits for the models; slower ones keep loading in the background
+            (their routes answer 503 "loading" meanwhile).
+        torch_threads: torch's intra-op threads while serving. None: one fewer than the CPU cores (at least
+            1), so the event loop and the HTTP work keep a core: with every core given to torch, its threads
+            wait on each other whenever one is descheduled (measured here on 2 cores: 1 thread decodes
+            several times faster than 2 under load). 0 leaves torch's own choice.
+        sampling: defaults of the seed routes.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 5000
+    checkpoint: str | None = DEFAULT_RUN_DIR
+    gpt2: str | None = DEFAULT_GPT2_SOURCE
+    api_key: str | None = None
+    max_queue: int = 64
+    slots: int = 8
+    max_body_bytes: int = 1_000_000
+    request_timeout_s: float = 300.0
+    max_new_tokens_cap: int = 1024
+    device: str = "cpu"
+    load_wait_s: float = 5.0
+    torch_threads: int | None = None
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port must be in 0..65535, got {self.port}")
+        for name in ("max_queue", "slots", "max_body_bytes", "max_new_tokens_cap"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.torch_threads is not None and self.torch_threads < 0:
+            raise SettingsError(f"torch_threads must be >= 0 (0: torch's choice), got {self.torch_threads}")
+        if self.request_timeout_s <= 0:
+            raise SettingsError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.api_key == "":
+            object.__setattr__(self, "api_key", None)
+
+    def resolved_torch_threads(self) -> int | None:
+        """The intra-op thread count to set, or None to leave torch alone."""
+        if self.torch_threads == 0:
+            return None
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 2) - 1)
+
+    def replace(self, **changes: Any) -> ServerSettings:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerSettings:
+        """Settings from TINYLLM_* environment variables; keyword overrides win over the environment.
+
+        Args:
+            env: the environment to read (default `os.environ`).
+            **overrides: any field of `ServerSettings`. None means "not given" for fields that cannot be None
+                (host, port, ...), so a CLI can pass its unset options straight through; for checkpoint,
+                gpt2 and api_key None means "off".
+
+        Raises:
+            SettingsError: TINYLLM_PORT is not an integer, or a value is out of range.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        if "TINYLLM_HOST" in env:
+            values["host"] = env["TINYLLM_HOST"]
+        if "TINYLLM_PORT" in env:
+            try:
+                values["port"] = int(env["TINYLLM_PORT"])
+            except ValueError as exc:
+                raise SettingsError(f"TINYLLM_PORT must be an integer, got {env['TINYLLM_PORT']!r}") from exc
+        if "TINYLLM_API_KEY" in env:
+            values["api_key"] = env["TINYLLM_API_KEY"] or None
+        if "TINYLLM_CHECKPOINT" in env:
+            values["checkpoint"] = _optional(env["TINYLLM_CHECKPOINT"])
+        if "TINYLLM_GPT2" in env:
+            values["gpt2"] = _optional(env["TINYLLM_GPT2"])
+        values.update({k: v for k, v in overrides.items() if v is not None or k in _NULLABLE})
+        return cls(**values)
+
+
+def _optional(value: str) -> str | None:
+    return None if value.strip().lower() in _OFF else value

@@ -1,0 +1,655 @@
+// tinyllm's page: stream the custom model and GPT-2 side by side, show the prompt's GPT-2 tokens and,
+// on request, each generated token's probability and its top-5 alternatives. Plain ES module, no deps.
+
+const MODELS = ["custom", "gpt2"];
+const TOP_LOGPROBS = 5;
+const TOKENIZE_DEBOUNCE_MS = 250;
+const READY_POLL_MS = 15000;
+const READY_POLL_LOADING_MS = 2000;
+const KEY_STORAGE = "tinyllm.apiKey";
+
+const $ = (selector, root = document) => root.querySelector(selector);
+
+const els = {
+  form: $("#prompt-form"),
+  prompt: $("#prompt"),
+  generate: $("#generate"),
+  stop: $("#stop"),
+  showProbs: $("#show-probs"),
+  formStatus: $("#form-status"),
+  chips: $("#token-chips"),
+  tokenCount: $("#token-count"),
+  apiKey: $("#api-key"),
+  rememberKey: $("#remember-key"),
+  apiKeyBox: $("#api-key-box"),
+  popover: $("#popover"),
+};
+
+const panels = Object.fromEntries(
+  MODELS.map((model) => {
+    const root = $(`#panel-${model}`);
+    return [
+      model,
+      {
+        root,
+        badge: $('[data-role="badge"]', root),
+        notice: $('[data-role="notice"]', root),
+        output: $('[data-role="output"]', root),
+        stat: (name) => $(`[data-stat="${name}"]`, root),
+      },
+    ];
+  }),
+);
+
+let running = null; // {controller} while a generation is in flight
+
+// --- talking to the server -------------------------------------------------------------------------
+
+function headers(json = true) {
+  const h = {};
+  if (json) h["Content-Type"] = "application/json";
+  const key = els.apiKey.value.trim();
+  if (key) h.Authorization = `Bearer ${key}`;
+  return h;
+}
+
+/** The human-readable reason in an error response: OpenAI `{error: {message}}`, FastAPI `{detail}`, or text. */
+async function errorMessage(response) {
+  const text = await response.text().catch(() => "");
+  try {
+    const body = JSON.parse(text);
+    if (body?.error?.message) return body.error.message;
+    if (typeof body?.error === "string") return body.error;
+    if (typeof body?.detail === "string") return body.detail;
+    if (Array.isArray(body?.detail)) {
+      return body.detail.map((d) => `${(d.loc || []).slice(1).join(".") || "request"}: ${d.msg}`).join("; ");
+    }
+    if (typeof body?.message === "string") return body.message;
+  } catch {
+    /* not JSON */
+  }
+  return text.trim() || `${response.status} ${response.statusText}`;
+}
+
+function markKeyNeeded(needed) {
+  els.apiKeyBox.classList.toggle("needed", needed);
+  if (needed) els.apiKeyBox.open = true;
+}
+
+/** Yield each `data:` payload of a server-sent-events body, parsed as JSON ("[DONE]" ends it). */
+async function* sseEvents(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.search(/\r?\n\r?\n/)) >= 0) {
+      const event = buffer.slice(0, cut);
+      buffer = buffer.slice(cut).replace(/^\r?\n\r?\n/, "");
+      const data = event
+        .split(/\r?\n/)
+        .filter((line) => line.startsWith("data:"))
+        .map((line) => line.slice(5).replace(/^ /, ""))
+        .join("\n");
+      if (!data) continue;
+      if (data === "[DONE]") return;
+      yield JSON.parse(data);
+    }
+  }
+}
+
+// --- model readiness -----------------------------------------------------------------------------
+
+/** {loaded, reason} for one model from /ready, whichever of the usual shapes it uses. */
+function readiness(body, model) {
+  let entry = body?.models?.[model];
+  if (entry === undefined && Array.isArray(body?.models)) {
+    entry = body.models.find((m) => m.id === model || m.name === model || m.model === model);
+  }
+  if (entry === undefined) entry = body?.[model];
+  if (entry === undefined) return null;
+  if (typeof entry === "boolean") return { loaded: entry, state: entry ? "ready" : "unavailable", reason: null };
+  if (typeof entry === "string") return { loaded: entry === "ready", state: entry, reason: null };
+  const state = entry.state ?? entry.status ?? (entry.loaded ?? entry.ready ? "ready" : "unavailable");
+  const loaded = state === "ready" || state === "loaded";
+  return { loaded, state, reason: entry.error ?? entry.reason ?? entry.detail ?? entry.message ?? null };
+}
+
+function setBadge(model, text, kind) {
+  const { badge } = panels[model];
+  badge.textContent = text;
+  badge.className = `badge ${kind || ""}`.trim();
+}
+
+function setNotice(model, text, { error = false } = {}) {
+  const { notice } = panels[model];
+  notice.hidden = !text;
+  notice.textContent = text || "";
+  notice.classList.toggle("error", error);
+}
+
+/** Update each panel's badge (and notice) from /ready; true while a model is still loading. */
+async function refreshReady() {
+  let loading = false;
+  let response;
+  let body;
+  try {
+    response = await fetch("/ready", { headers: headers(false) });
+    body = response.status === 401 ? null : await response.json();
+  } catch {
+    for (const model of MODELS) if (!running) setBadge(model, "server unreachable", "bad");
+    return false;
+  }
+  if (response.status === 401) markKeyNeeded(true);
+  for (const model of MODELS) {
+    if (running) continue; // the stream owns the badge while it runs
+    const panel = panels[model];
+    const fromReady = (text) => {
+      setNotice(model, text);
+      panel.notice.dataset.source = "ready";
+    };
+    const state = body && readiness(body, model);
+    if (response.status === 401) {
+      setBadge(model, "API key needed", "bad");
+    } else if (!state) {
+      setBadge(model, "unknown", "");
+    } else if (state.loaded) {
+      setBadge(model, "ready", "ok");
+      if (panel.notice.dataset.source === "ready") setNotice(model, "");
+    } else if (state.state === "loading") {
+      loading = true;
+      setBadge(model, "loading…", "busy");
+      fromReady("Still loading; this panel updates when the model is ready.");
+    } else {
+      setBadge(model, "not loaded", "bad");
+      fromReady(`Not loaded: ${state.reason || "no reason given"}`);
+    }
+  }
+  return loading;
+}
+
+/** Poll /ready: often while a model loads, rarely otherwise, never in a hidden tab. */
+async function pollReady() {
+  const loading = document.visibilityState === "visible" ? await refreshReady() : false;
+  setTimeout(pollReady, loading ? READY_POLL_LOADING_MS : READY_POLL_MS);
+}
+
+// --- the prompt's tokens -------------------------------------------------------------------------
+
+/** Text with whitespace made visible: a faint · for a space, ↵ for a newline, → for a tab. */
+function visibleText(text) {
+  const fragment = document.createDocumentFragment();
+  for (const part of text.split(/([ \n\t])/)) {
+    if (!part) continue;
+    const symbol = { " ": "·", "\n": "↵", "\t": "→" }[part];
+    if (symbol) {
+      const ws = document.createElement("span");
+      ws.className = "ws";
+      ws.textContent = symbol;
+      fragment.append(ws);
+    } else {
+      fragment.append(part);
+    }
+  }
+  return fragment;
+}
+
+let tokenizeTimer = 0;
+let tokenizeController = null;
+
+function scheduleTokenize() {
+  clearTimeout(tokenizeTimer);
+  tokenizeTimer = setTimeout(tokenize, TOKENIZE_DEBOUNCE_MS);
+}
+
+async function tokenize() {
+  tokenizeController?.abort();
+  const controller = (tokenizeController = new AbortController());
+  const text = els.prompt.value;
+  let body;
+  try {
+    const response = await fetch("/tokenize", {
+      method: "POST",
+      headers: headers(),
+      body: JSON.stringify({ text }),
+      signal: controller.signal,
+    });
+    if (!response.ok) {
+      if (response.status === 401) markKeyNeeded(true);
+      els.tokenCount.textContent = `Tokenizer unavailable: ${await errorMessage(response)}`;
+      els.chips.replaceChildren();
+      return;
+    }
+    body = await response.json();
+  } catch (error) {
+    if (error.name !== "AbortError") els.tokenCount.textContent = `Tokenizer unavailable: ${error.message}`;
+    return;
+  }
+  const ids = body.ids || [];
+  const tokens = body.tokens || ids.map(String);
+  const chips = ids.map((id, i) => {
+    const li = document.createElement("li");
+    li.className = "chip";
+    li.title = `token ${i + 1}: id ${id}`;
+    const t = document.createElement("span");
+    t.className = "chip-text";
+    t.append(visibleText(tokens[i] ?? ""));
+    const n = document.createElement("span");
+    n.className = "chip-id";
+    n.textContent = id;
+    li.append(t, n);
+    return li;
+  });
+  if (!chips.length) {
+    const li = document.createElement("li");
+    li.className = "empty";
+    li.textContent = "Type a prompt to see how it splits into tokens.";
+    chips.push(li);
+  }
+  els.chips.replaceChildren(...chips);
+  const chars = [...text].length;
+  els.tokenCount.textContent = `${ids.length} token${ids.length === 1 ? "" : "s"} · ${chars} characters`;
+}
+
+// --- generation ----------------------------------------------------------------------------------
+
+function number(id, parse = Number) {
+  const input = document.getElementById(id);
+  if (input.value.trim() === "" || input.disabled) return undefined;
+  const value = parse(input.value);
+  return Number.isFinite(value) ? value : undefined;
+}
+
+function requestBody(model) {
+  const body = {
+    model,
+    prompt: els.prompt.value,
+    max_tokens: number("max_tokens", parseInt),
+    temperature: number("temperature"),
+    top_p: number("top_p"),
+    top_k: number("top_k", parseInt),
+    min_p: number("min_p"),
+    repetition_penalty: number("repetition_penalty"),
+    seed: number("seed", parseInt),
+    stream: true,
+    stream_options: { include_usage: true },
+    logprobs: TOP_LOGPROBS,
+  };
+  for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
+  return body;
+}
+
+function resetPanel(model) {
+  const panel = panels[model];
+  const echo = document.createElement("span");
+  echo.className = "prompt-echo";
+  echo.textContent = els.prompt.value;
+  panel.output.replaceChildren(echo);
+  setNotice(model, "");
+  panel.notice.dataset.source = "";
+  for (const name of ["tokens", "rate", "ttft", "finish"]) panel.stat(name).textContent = "–";
+}
+
+/** One generated token (or a run of tokens whose text only resolves together) as a span with its logprobs. */
+function tokenSpan(text, entries) {
+  const span = document.createElement("span");
+  span.className = "tok";
+  span.textContent = text;
+  span.tabIndex = -1;
+  span._entries = entries; // [{token, logprob, top: {token: logprob}}]
+  const lp = entries.length ? entries[entries.length - 1].logprob : null;
+  if (lp != null) span.style.setProperty("--p", Math.exp(lp).toFixed(3));
+  return span;
+}
+
+/** Stream one model into its panel; resolves when the stream ends, fails, or is aborted. */
+async function runModel(model, signal) {
+  const panel = panels[model];
+  resetPanel(model);
+  setBadge(model, "generating…", "busy");
+  panel.output.classList.add("streaming");
+  const t0 = performance.now();
+  let tFirst = 0;
+  let tLast = 0;
+  let count = 0;
+  let finish = null;
+  let usageTokens = null;
+  let pending = []; // logprob entries whose text the server is still holding back (partial UTF-8)
+
+  const showStats = () => {
+    const n = usageTokens ?? count;
+    panel.stat("tokens").textContent = n;
+    if (tFirst) panel.stat("ttft").textContent = `${Math.round(tFirst - t0)} ms`;
+    let rate = null;
+    if (n >= 2 && tLast > tFirst) rate = (n - 1) / ((tLast - tFirst) / 1000);
+    else if (n >= 1 && tLast > t0) rate = n / ((tLast - t0) / 1000);
+    if (rate != null) panel.stat("rate").textContent = rate.toFixed(1);
+  };
+
+  const append = (text, logprobs) => {
+    const entries = (logprobs?.tokens || []).map((token, i) => ({
+      token,
+      logprob: logprobs.token_logprobs?.[i] ?? null,
+      top: logprobs.top_logprobs?.[i] ?? null,
+    }));
+    count += entries.length || (text ? 1 : 0);
+    pending.push(...entries);
+    if (!text) return;
+    const out = panel.output;
+    const following = out.scrollHeight - out.scrollTop - out.clientHeight < 40; // keep the newest text in view
+    // Usually each token's string is its text. Where they differ (a character split across tokens, text held
+    // back for a stop string) the tokens that don't line up share one span.
+    let rest = text;
+    while (pending.length && pending[0].token && rest.startsWith(pending[0].token)) {
+      const entry = pending.shift();
+      out.append(tokenSpan(entry.token, [entry]));
+      rest = rest.slice(entry.token.length);
+    }
+    if (rest) {
+      out.append(tokenSpan(rest, pending));
+      pending = [];
+    }
+    if (following) out.scrollTop = out.scrollHeight;
+  };
+
+  try {
+    const response = await fetch("/v1/completions", {
+      method: "POST",
+      headers: headers(),
+      body: JSON.stringify(requestBody(model)),
+      signal,
+    });
+    if (!response.ok) {
+      const message = await errorMessage(response);
+      if (response.status === 401) {
+        markKeyNeeded(true);
+        setNotice(model, `Unauthorized: ${message}. Enter the server's API key above.`, { error: true });
+        finish = "unauthorized";
+      } else if (response.status === 503) {
+        panel.output.replaceChildren();
+        setNotice(model, `Not loaded: ${message}`);
+        setBadge(model, "not loaded", "bad");
+        finish = "not loaded";
+      } else {
+        setNotice(model, `Error ${response.status}: ${message}`, { error: true });
+        finish = "error";
+      }
+      return;
+    }
+    markKeyNeeded(false);
+    for await (const chunk of sseEvents(response)) {
+      if (chunk.error) {
+        const message = chunk.error.message || String(chunk.error);
+        setNotice(model, `Error: ${message}`, { error: true });
+        finish = "error";
+        break;
+      }
+      const choice = chunk.choices?.[0];
+      if (chunk.usage?.completion_tokens != null) usageTokens = chunk.usage.completion_tokens;
+      if (!choice) continue;
+      const now = performance.now();
+      if (choice.text || choice.logprobs?.tokens?.length) {
+        if (!tFirst) tFirst = now;
+        tLast = now;
+      }
+      append(choice.text || "", choice.logprobs);
+      if (choice.finish_reason) finish = choice.finish_reason;
+      showStats();
+    }
+    if (pending.length) {
+      // generated but left out of the text: the end-of-text token, or a stop sequence
+      const cut = tokenSpan(pending.map((e) => e.token).join(""), pending);
+      cut.classList.add("cut");
+      cut.title = "generated, but not part of the text (end of text or a stop sequence)";
+      panel.output.append(cut);
+      pending = [];
+    }
+    finish ??= "end of stream";
+  } catch (error) {
+    if (error.name === "AbortError") {
+      finish = "stopped";
+    } else {
+      setNotice(model, `Error: ${error.message}`, { error: true });
+      finish = "error";
+    }
+  } finally {
+    panel.output.classList.remove("streaming");
+    showStats();
+    panel.stat("finish").textContent = finish ?? "–";
+    if (finish === "not loaded") setBadge(model, "not loaded", "bad");
+    else if (finish === "error" || finish === "unauthorized") setBadge(model, finish, "bad");
+    else setBadge(model, finish === "stopped" ? "stopped" : "done", finish === "stopped" ? "" : "ok");
+    const first = panel.output.querySelector(".tok");
+    if (first) first.tabIndex = els.showProbs.checked ? 0 : -1;
+  }
+}
+
+async function generate() {
+  if (running) return;
+  if (!els.prompt.value.trim()) {
+    els.formStatus.textContent = "Type a prompt first.";
+    els.prompt.focus();
+    return;
+  }
+  const controller = new AbortController();
+  running = { controller };
+  hidePopover();
+  els.generate.disabled = true;
+  els.stop.disabled = false;
+  els.formStatus.classList.remove("error");
+  els.formStatus.textContent = "Generating…";
+  const t0 = performance.now();
+  await Promise.all(MODELS.map((model) => runModel(model, controller.signal)));
+  running = null;
+  els.generate.disabled = false;
+  els.stop.disabled = true;
+  const seconds = ((performance.now() - t0) / 1000).toFixed(1);
+  els.formStatus.textContent = controller.signal.aborted ? `Stopped after ${seconds} s.` : `Done in ${seconds} s.`;
+}
+
+function stop() {
+  running?.controller.abort();
+}
+
+// --- probabilities popover ------------------------------------------------------------------------
+
+let activeToken = null;
+let pinned = false;
+
+function percent(logprob) {
+  const p = Math.exp(logprob) * 100;
+  return p >= 10 ? `${p.toFixed(1)}%` : p >= 0.01 ? `${p.toFixed(2)}%` : "<0.01%";
+}
+
+function popoverContent(entries) {
+  const fragment = document.createDocumentFragment();
+  for (const entry of entries) {
+    const head = document.createElement("div");
+    head.className = "pop-head";
+    const token = document.createElement("span");
+    token.className = "pop-token";
+    token.append(visibleText(JSON.stringify(entry.token).slice(1, -1)));
+    const prob = document.createElement("span");
+    prob.className = "pop-prob";
+    prob.textContent = entry.logprob == null ? "?" : percent(entry.logprob);
+    if (entry.logprob != null) prob.title = `logprob ${entry.logprob.toFixed(3)}`;
+    head.append(token, prob);
+    fragment.append(head);
+    const top = Object.entries(entry.top || {}).sort((a, b) => b[1] - a[1]);
+    if (top.length) {
+      const list = document.createElement("ol");
+      list.className = "pop-list";
+      list.setAttribute("aria-label", "Top alternatives");
+      for (const [alt, lp] of top) {
+        const li = document.createElement("li");
+        if (alt === entry.token) li.className = "chosen";
+        li.style.setProperty("--w", `${Math.min(100, Math.exp(lp) * 100).toFixed(1)}%`);
+        const a = document.createElement("span");
+        a.className = "alt";
+        a.append(visibleText(JSON.stringify(alt).slice(1, -1)));
+        const pct = document.createElement("span");
+        pct.className = "pct";
+        pct.textContent = percent(lp);
+        li.append(a, pct);
+        list.append(li);
+      }
+      fragment.append(list);
+    }
+  }
+  if (entries.length > 1) {
+    const note = document.createElement("p");
+    note.className = "pop-note";
+    note.textContent = `${entries.length} tokens that arrived as one piece of text.`;
+    fragment.append(note);
+  }
+  if (entries.length) {
+    const note = document.createElement("p");
+    note.className = "pop-note";
+    note.textContent = "The model's own probabilities, before temperature, top-k/p and penalties.";
+    fragment.append(note);
+  } else {
+    const note = document.createElement("p");
+    note.className = "pop-note";
+    note.textContent = "No probabilities for this text.";
+    fragment.append(note);
+  }
+  return fragment;
+}
+
+function showPopover(span) {
+  if (!els.showProbs.checked || !span?._entries) return;
+  activeToken?.classList.remove("active");
+  activeToken?.removeAttribute("aria-describedby");
+  activeToken = span;
+  span.classList.add("active");
+  span.setAttribute("aria-describedby", "popover");
+  const pop = els.popover;
+  pop.replaceChildren(popoverContent(span._entries));
+  pop.hidden = false;
+  const rect = span.getBoundingClientRect();
+  const width = pop.offsetWidth;
+  const height = pop.offsetHeight;
+  const left = Math.max(8, Math.min(rect.left, document.documentElement.clientWidth - width - 8));
+  const below = rect.bottom + 6;
+  const top = below + height > window.innerHeight && rect.top - height - 6 > 0 ? rect.top - height - 6 : below;
+  pop.style.left = `${left + window.scrollX}px`;
+  pop.style.top = `${top + window.scrollY}px`;
+}
+
+function hidePopover() {
+  els.popover.hidden = true;
+  activeToken?.classList.remove("active");
+  activeToken?.removeAttribute("aria-describedby");
+  activeToken = null;
+  pinned = false;
+}
+
+const tokenFrom = (event) => event.target.closest?.(".output .tok");
+
+function applyProbsToggle() {
+  const on = els.showProbs.checked;
+  for (const model of MODELS) {
+    const out = panels[model].output;
+    out.classList.toggle("probs", on);
+    out.querySelectorAll(".tok").forEach((tok, i) => {
+      tok.tabIndex = on && i === 0 ? 0 : -1;
+    });
+  }
+  if (!on) hidePopover();
+}
+
+/** Arrow keys move between a panel's tokens (one tab stop per panel: a roving tabindex). */
+function moveFocus(event) {
+  const span = tokenFrom(event);
+  if (!span) return;
+  const tokens = [...span.parentElement.querySelectorAll(".tok")];
+  const i = tokens.indexOf(span);
+  const target = {
+    ArrowRight: tokens[i + 1],
+    ArrowDown: tokens[i + 1],
+    ArrowLeft: tokens[i - 1],
+    ArrowUp: tokens[i - 1],
+    Home: tokens[0],
+    End: tokens[tokens.length - 1],
+  }[event.key];
+  if (!target) return;
+  event.preventDefault();
+  span.tabIndex = -1;
+  target.tabIndex = 0;
+  target.focus();
+}
+
+// --- wiring --------------------------------------------------------------------------------------
+
+function wire() {
+  const saved = localStorage.getItem(KEY_STORAGE);
+  if (saved) {
+    els.apiKey.value = saved;
+    els.rememberKey.checked = true;
+  }
+  const storeKey = () => {
+    if (els.rememberKey.checked && els.apiKey.value.trim()) localStorage.setItem(KEY_STORAGE, els.apiKey.value.trim());
+    else localStorage.removeItem(KEY_STORAGE);
+  };
+  let keyTimer = 0;
+  els.apiKey.addEventListener("input", () => {
+    storeKey();
+    markKeyNeeded(false);
+    scheduleTokenize();
+    clearTimeout(keyTimer);
+    keyTimer = setTimeout(refreshReady, TOKENIZE_DEBOUNCE_MS);
+  });
+  els.rememberKey.addEventListener("change", storeKey);
+
+  els.form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    generate();
+  });
+  els.stop.addEventListener("click", stop);
+  els.prompt.addEventListener("input", scheduleTokenize);
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      generate();
+    } else if (event.key === "Escape") {
+      if (!els.popover.hidden) hidePopover();
+      else if (els.apiKeyBox.open && els.apiKeyBox.contains(document.activeElement)) {
+        els.apiKeyBox.open = false;
+        $("summary", els.apiKeyBox).focus();
+      } else if (running) stop();
+    }
+  });
+
+  els.showProbs.addEventListener("change", applyProbsToggle);
+  for (const model of MODELS) {
+    const out = panels[model].output;
+    out.addEventListener("mouseover", (e) => !pinned && tokenFrom(e) && showPopover(tokenFrom(e)));
+    out.addEventListener("mouseleave", () => !pinned && hidePopover());
+    out.addEventListener("focusin", (e) => tokenFrom(e) && showPopover(tokenFrom(e)));
+    out.addEventListener("focusout", (e) => {
+      if (!pinned && !e.relatedTarget?.closest?.(".output .tok")) hidePopover();
+    });
+    out.addEventListener("keydown", moveFocus);
+    out.addEventListener("click", (e) => {
+      const span = tokenFrom(e);
+      if (!span || !els.showProbs.checked) return;
+      if (pinned && activeToken === span) return hidePopover();
+      showPopover(span);
+      pinned = true; // a tap keeps it open until the next tap elsewhere
+    });
+  }
+  document.addEventListener("click", (e) => {
+    if (pinned && !tokenFrom(e) && !els.popover.contains(e.target)) hidePopover();
+    if (els.apiKeyBox.open && !els.apiKeyBox.contains(e.target)) els.apiKeyBox.open = false; // a dropdown
+  });
+  window.addEventListener("resize", () => activeToken && showPopover(activeToken));
+
+  applyProbsToggle();
+  tokenize();
+  pollReady();
+}
+
+wire();

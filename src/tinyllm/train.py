@@ -1,0 +1,786 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, autocast, evaluation, checkpoints, DDP.
+
+One entry point, `train(config)`, trains from scratch or fine-tunes (`config.init_from`), in one process or
+under `torchrun --nproc_per_node=N` (DDP: gloo on CPU, NCCL on CUDA; rank 0 alone writes files). It stops
+at the first budget reached (steps, tokens or wall-clock minutes) and the learning-rate schedule follows
+that budget, so a 10-minute run ends with a decayed LR. Every `eval_interval` steps or `eval_minutes`, and
+at the end, it
+measures validation loss and bits per byte on fixed windows, prints a short sample, redraws the loss
+curve and writes `run_dir/last` (and `run_dir/best` when validation improves) atomically; `resume=True`
+continues from `last` exactly (model, optimizer, schedule, step, tokens, elapsed time, RNG, data order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from tinyllm.checkpoint import (
+    capture_rng_state,
+    is_checkpoint,
+    load_checkpoint,
+    load_train_state,
+    resolve_model,
+    restore_rng_state,
+    save_checkpoint,
+)
+from tinyllm.config import FINETUNE_DEFAULTS, TrainConfig
+from tinyllm.data import BatchSampler, prepare
+from tinyllm.errors import TinyLLMError
+from tinyllm.model import GPT
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss.png"
+
+
+class TrainError(TinyLLMError):
+    """A training option or run directory is unusable; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run did and where it left its files."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    stopped_by: str  # "max_steps", "max_tokens" or "max_minutes"
+    train_loss: float | None
+    val_loss: float
+    val_bpb: float
+    best_val_loss: float
+    best_val_bpb: float
+    tokens_per_second: float
+    run_dir: Path
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    metrics_path: Path
+    plot_path: Path
+    rank: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"trained {self.steps:,} steps, {self.tokens:,} tokens in {self.seconds / 60:.1f} min "
+            f"({self.tokens_per_second:,.0f} tokens/s; stopped by {self.stopped_by}); "
+            f"val loss {self.val_loss:.4f} ({self.val_bpb:.4f} bpb), best {self.best_val_loss:.4f} "
+            f"({self.best_val_bpb:.4f} bpb); checkpoints: {self.last_checkpoint}"
+            + (f", {self.best_checkpoint}" if self.best_checkpoint else "")
+        )
+
+
+# --- building blocks ----------------------------------------------------------------------------
+
+
+def train_config(**fields: Any) -> TrainConfig:
+    """A `TrainConfig` whose invalid values raise `TrainError` (one clear line) instead of ValueError."""
+    try:
+        return TrainConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise TrainError(str(exc)) from None
+
+
+def finetune_config(*, init_from: str, data: Sequence[str | Path], **overrides: Any) -> TrainConfig:
+    """A fine-tuning config: `FINETUNE_DEFAULTS` under `overrides`, starting from `init_from`."""
+    if not data:
+        raise TrainError("fine-tuning needs data: pass files, folders, globs or 'shakespeare'")
+    return train_config(**{**FINETUNE_DEFAULTS, **overrides, "init_from": init_from, "data": tuple(map(str, data))})
+
+
+def detect_device(requested: str = "auto") -> torch.device:
+    """`requested`, or with "auto" the best available: cuda > mps > cpu."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise TrainError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("device cuda requested but CUDA is not available here; use --device auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainError("device mps requested but MPS is not available here; use --device auto or cpu")
+    return device
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype. "auto": bf16 on CUDA (fp16 where bf16 is unsupported); on CPU bf16 only where
+    `cpu_bf16_pays()` measures it faster, else fp32; fp32 on MPS."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_bf16_pays():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+@functools.cache
+def cpu_bf16_pays(*, n: int = 768, ratio: float = 1.5) -> bool:
+    """Whether a bf16 matmul runs at least `ratio` times faster than fp32 on this CPU (a ~0.1 s probe).
+
+    CPUs with native bf16 dot products (e.g. AMD Zen 4) run bf16 matmuls about twice as fast as fp32 and
+    train the default preset about 1.3x faster under autocast; elsewhere bf16 is emulated and slower (a
+    Xeon measured 160 vs 318 GFLOP/s). See BENCHMARKS.md, "Training". The margin keeps noise from deciding.
+    """
+    import time as clock  # the real clock, whatever a caller patched into this module
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    pairs = {dtype: (a.to(dtype), b.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(pairs, math.inf)
+    for trial in range(6):  # interleaved trials after a warm-up one; the fastest of each counts
+        for dtype, (x, y) in pairs.items():
+            started = clock.perf_counter()
+            for _ in range(4):
+                x @ y
+            if trial:
+                best[dtype] = min(best[dtype], clock.perf_counter() - started)
+    pays = best[torch.float32] >= ratio * best[torch.bfloat16]
+    logger.debug("bf16/fp32 matmul speed on this CPU: %.2fx", best[torch.float32] / best[torch.bfloat16])
+    return pays
+
+
+def autocast(device_type: str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass; nothing at float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def configure_optimizer(
+    model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str
+) -> torch.optim.AdamW:
+    """AdamW with decay on 2-D weights only (not biases or norms); fused on CUDA, foreach elsewhere."""
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied head appears once
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    impl = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **impl)
+
+
+def lr_at(step: int, *, decay_progress: float, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warmup over `warmup_steps`, then cosine from `lr` to `min_lr` as `decay_progress` goes 0 -> 1."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    p = min(max(decay_progress, 0.0), 1.0)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * p)) * (lr - min_lr)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    grad_accum: int = 1,
+    amp_dtype: torch.dtype = torch.float32,
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over `grad_accum` micro-batches: mean loss and gradient norm (unsynced tensors)."""
+    device_type = next(model.parameters()).device.type
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for micro in range(grad_accum):
+        x, y = next_batch()  # (B, T), (B, T)
+        # DDP all-reduces gradients on the last micro-batch only.
+        sync = micro == grad_accum - 1 or not isinstance(model, DDP)
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast(device_type, amp_dtype):
+                logits = model(x)  # (B, T, V)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            scaled = loss / grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total += loss.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / grad_accum, norm
+
+
+@torch.no_grad()
+def sample_text(model: GPT, prompt: str, *, max_new_tokens: int, seed: int, temperature: float = 0.8) -> str:
+    """A short continuation of `prompt` (naive loop, top-k 50, seeded; the engine does this properly)."""
+    from tinyllm.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    ids = tok.encode(prompt) or [tok.eot_token]
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], device=device)  # (1, T)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(max_new_tokens):
+        context = idx[:, -model.config.block_size :]
+        logits = model.lm_head(model.hidden_states(context)[:, -1]).float().cpu() / temperature  # (1, V)
+        top = torch.topk(logits, 50)
+        choice = torch.multinomial(F.softmax(top.values, dim=-1), 1, generator=gen)  # (1, 1)
+        idx = torch.cat([idx, top.indices.gather(1, choice).to(device)], dim=1)
+    return tok.decode(idx[0, len(ids) :].tolist())
+
+
+class _Dist:
+    """This process's place in a torchrun job (WORLD_SIZE/RANK/LOCAL_RANK from torchrun), or a job of one."""
+
+    def __init__(self, device_request: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0")) if self.world > 1 else 0
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.world > 1 else 0
+        self.owns_group = False
+        device = detect_device(device_request)
+        if self.world > 1:
+            if device.type == "cuda":
+                device = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(device)
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+                self.owns_group = True
+        self.device = device
+        self.is_main = self.rank == 0
+
+    def broadcast(self, values: list[float]) -> list[float]:
+        """Rank 0's values on every rank (float64)."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.broadcast(t, src=0)
+        return t.tolist()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+class _Run:
+    """The state of one training run and the steps it takes; `train()` drives it."""
+
+    def __init__(self, cfg: TrainConfig, dist_: _Dist, *, progress: bool) -> None:
+        self.cfg = cfg
+        self.dist = dist_
+        self.device = self.dist.device
+        self.progress = progress and self.dist.is_main
+        self.run_dir = Path(cfg.run_dir).expanduser()
+        dtypes = [torch.float32, torch.bfloat16, torch.float16]
+        choice = dtypes.index(resolve_dtype(cfg.dtype, self.device))
+        self.amp_dtype = dtypes[int(self.dist.broadcast([choice])[0])]  # a measured choice: rank 0's rules
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.step = self.tokens = 0
+        self.elapsed_before = 0.0
+        self.warmup_elapsed: float | None = None
+        self.best = (math.inf, math.inf)  # (val loss, val bpb)
+        self.last_eval: tuple[float, float] | None = None
+        self.last_eval_step = self.last_save_step = -1
+        self.last_eval_time = 0.0  # elapsed seconds at the last evaluation
+        self.eval_due = False
+        self.train_loss: float | None = None
+        self.records: list[dict[str, Any]] = []
+        self.step_time = 0.0  # EMA of one optimizer step, for stopping before the time budget
+        self.reserve = 0.0  # what the final evaluation + checkpoint last cost
+        self.train_seconds = 0.0
+        self.session_tokens = 0
+
+        resume_from = self._resume_path()
+        self.data = prepare(cfg.data or None, val_fraction=cfg.val_fraction, progress=self.progress)
+        self._build_model(resume_from)
+        self.tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum * self.dist.world
+        self.sampler = BatchSampler(
+            self.data.tokens("train"),
+            batch_size=cfg.batch_size,
+            block_size=self.block_size,
+            seed=cfg.seed,
+            rank=self.dist.rank,
+        )
+        self.windows = self._eval_windows()
+        self.optimizer = configure_optimizer(
+            self.raw, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, device_type=self.device.type
+        )
+        self.scaler: torch.amp.GradScaler | None = None
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        if resume_from is not None:
+            self._restore(resume_from)
+        if self.amp_dtype == torch.float16 and self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        if self.dist.is_main:
+            precision = str(self.amp_dtype).removeprefix("torch.")
+            size = f"{self.raw.num_params():,}"
+            logger.info(
+                "training %s parameters on %s in %s, %d process(es)", size, self.device, precision, self.dist.world
+            )
+        self._budget()
+        model: nn.Module = torch.compile(self.raw) if cfg.compile else self.raw
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DDP(model, device_ids=ids)
+        self.model = model
+        if self.dist.is_main:
+            self._open_metrics(resumed=resume_from is not None)
+
+    # setup
+
+    def _resume_path(self) -> Path | None:
+        if not self.cfg.resume:
+            return None
+        last = self.run_dir / "last"
+        if not is_checkpoint(last):
+            raise TrainError(f"cannot resume: no checkpoint at {last}; train without --resume first")
+        return last
+
+    def _build_model(self, resume_from: Path | None) -> None:
+        cfg = self.cfg
+        self.init_meta: dict[str, Any] = {}
+        if resume_from is not None:
+            ckpt = load_checkpoint(resume_from, device=self.device)
+            self._check_resumable(ckpt.config, ckpt.meta)
+            model = ckpt.model
+        elif cfg.init_from is not None:
+            model, self.init_meta = resolve_model(cfg.init_from, device=self.device)
+        else:
+            torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+            model = GPT(cfg.model_config()).to(self.device)
+        self.raw: GPT = model.float().train()
+        model_block = self.raw.config.block_size
+        self.block_size = min(cfg.block_size or model_block, model_block)
+        if cfg.block_size and cfg.block_size > model_block and self.dist.is_main:
+            logger.warning("block_size %d capped at the model's %d", cfg.block_size, model_block)
+
+    def _check_resumable(self, config: Any, meta: dict[str, Any]) -> None:
+        saved = meta.get("train_config") or {}
+        problems = []
+        if self.cfg.init_from is None and config != self.cfg.model_config():
+            problems.append(f"its model is {config} but this run asks for {self.cfg.model_config()}")
+        if saved.get("init_from") != self.cfg.init_from:
+            problems.append(f"it started from {saved.get('init_from')!r}, this run from {self.cfg.init_from!r}")
+        if meta.get("data_hash") != self.data_hash():
+            problems.append("it was trained on different data")
+        if problems:
+            raise TrainError(
+                f"cannot resume {self.run_dir / 'last'}: {'; '.join(problems)}; "
+                "use the original options or another --run-dir"
+            )
+
+    def data_hash(self) -> str:
+        return str(self.data.meta["content_hash"])
+
+    def _eval_windows(self) -> torch.Tensor:
+        """Evenly spaced validation windows (K, T+1), the same at every evaluation; this rank's share."""
+        val = self.data.tokens("val")
+        if len(val) < 2:
+            raise TrainError("the validation split is empty; add documents or raise --val-fraction")
+        T = min(self.block_size, len(val) - 1)
+        if T < self.block_size and self.dist.is_main:
+            logger.warning("validation split has %d tokens: evaluating on %d-token windows", len(val), T)
+        starts = np.linspace(0, len(val) - T - 1, self.cfg.eval_iters * self.cfg.batch_size).round().astype(np.int64)
+        windows = np.stack([np.asarray(val[s : s + T + 1], dtype=np.int64) for s in starts])  # (K, T+1)
+        return torch.from_numpy(windows[self.dist.rank :: self.dist.world]).to(self.device)
+
+    def _budget(self) -> None:
+        cfg = self.cfg
+        limits = []
+        if cfg.max_steps is not None:
+            limits.append((cfg.max_steps, "max_steps"))
+        if cfg.max_tokens is not None:
+            remaining = (cfg.max_tokens - self.tokens) // self.tokens_per_step
+            if self.step == 0 and remaining < 1:
+                raise TrainError(
+                    f"max_tokens {cfg.max_tokens:,} is less than one step's {self.tokens_per_step:,} "
+                    "tokens (batch x block x grad_accum x processes)"
+                )
+            limits.append((self.step + max(remaining, 0), "max_tokens"))
+        self.step_limit, self.step_reason = min(limits) if limits else (None, None)
+        self.max_seconds = cfg.max_minutes * 60 if cfg.max_minutes is not None else None
+
+    def _restore(self, path: Path) -> None:
+        opt_state, state = load_train_state(path)
+        if state is None or opt_state is None:
+            raise TrainError(f"cannot resume: {path} has no optimizer/training state (only `last` has it)")
+        self.optimizer.load_state_dict(opt_state)
+        for group, decay in zip(self.optimizer.param_groups, (self.cfg.weight_decay, 0.0), strict=True):
+            group.update(weight_decay=decay, betas=self.cfg.betas)  # this run's settings win
+        self.step, self.tokens = int(state["step"]), int(state["tokens_seen"])
+        self.elapsed_before = self.last_eval_time = float(state["elapsed"])
+        self.warmup_elapsed = state.get("warmup_elapsed")
+        self.step_time, self.reserve = float(state.get("step_time", 0.0)), float(state.get("reserve", 0.0))
+        self.best = (float(state["best_val_loss"]), float(state["best_val_bpb"]))
+        self.last_save_step = self.step
+        ranks = state["ranks"]
+        if len(ranks) != self.dist.world and self.dist.is_main:
+            logger.warning(
+                "resuming %d processes from a run of %d: the data order will differ", self.dist.world, len(ranks)
+            )
+        if self.dist.rank < len(ranks):
+            self.sampler.load_state_dict(ranks[self.dist.rank]["sampler"])
+            restore_rng_state(ranks[self.dist.rank]["rng"])
+        if self.cfg.dtype == "auto" and state.get("dtype"):  # keep the precision the run started with
+            self.amp_dtype = getattr(torch, state["dtype"])
+        if self.amp_dtype == torch.float16 and state.get("scaler"):
+            self.scaler = torch.amp.GradScaler(self.device.type)
+            self.scaler.load_state_dict(state["scaler"])
+        if self.dist.is_main:
+            logger.info(
+                "resumed %s at step %d (%d tokens, %.1f min)", path, self.step, self.tokens, self.elapsed_before / 60
+            )
+
+    # files (rank 0)
+
+    def _open_metrics(self, *, resumed: bool) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / METRICS_FILE
+        if resumed and self.metrics_path.exists():  # drop what happened after the checkpoint (a killed run)
+            for line in self.metrics_path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    record = json.loads(line)
+                    if record.get("step", 0) <= self.step and record.get("event") != "end":
+                        self.records.append(record)
+        elif (self.run_dir / "last").exists():
+            logger.warning("%s holds an earlier run; its checkpoints and metrics will be replaced", self.run_dir)
+        tmp = self.metrics_path.with_name(f".{METRICS_FILE}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, self.metrics_path)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        record = {
+            "event": record.pop("event"),
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed_s": round(self.elapsed(), 3),
+            **record,
+        }
+        self.records.append(record)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _plot(self) -> None:
+        from tinyllm.plots import plot_loss_curves
+
+        name = self.cfg.init_from or self.cfg.preset
+        plot_loss_curves(self.records, self.run_dir / PLOT_FILE, title=f"{self.run_dir.name} ({name})")
+
+    # the loop
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def evaluate(self, *, track_best: bool = True) -> bool:
+        """Measure validation loss and bits per byte (all ranks), log them with a sample, redraw the plot.
+
+        Returns whether the loss is the best so far (never at the step-0 evaluation, `track_best=False`).
+        """
+        started = time.perf_counter()
+        self.raw.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (sum of losses, tokens)
+        with torch.no_grad():
+            for batch in self.windows.split(self.cfg.batch_size):
+                with autocast(self.device.type, self.amp_dtype):
+                    logits = self.raw(batch[:, :-1])  # (B, T, V)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+                totals += torch.stack([loss.double(), torch.tensor(batch[:, 1:].numel(), device=self.device)])
+        self.dist.sum(totals)
+        loss = (totals[0] / totals[1]).item()
+        bpb = loss / math.log(2) * self.data.num_tokens("val") / self.data.num_bytes("val")
+        sample = None
+        if self.dist.is_main:
+            sample = sample_text(
+                self.raw, self.cfg.sample_prompt, max_new_tokens=self.cfg.sample_tokens, seed=self.cfg.seed
+            )
+        self.raw.train()
+        improved = track_best and loss < self.best[0]
+        if improved:
+            self.best = (loss, bpb)
+        self.last_eval, self.last_eval_step, self.last_eval_time = (loss, bpb), self.step, self.elapsed()
+        self._log(
+            {
+                "event": "eval",
+                "val_loss": loss,
+                "val_bpb": bpb,
+                "train_loss": self.train_loss,
+                "best": improved,
+                "eval_s": round(time.perf_counter() - started, 3),
+                "sample": sample,
+            }
+        )
+        if self.dist.is_main:
+            logger.info(
+                "step %d: val loss %.4f, %.4f bpb%s | sample: %r",
+                self.step,
+                loss,
+                bpb,
+                " (best)" if improved else "",
+                sample,
+            )
+            self._plot()
+        return improved
+
+    def save(self, *, best: bool) -> None:
+        """`run_dir/last` with everything needed to resume; `run_dir/best` (weights + meta) when best."""
+        rank_state = {"sampler": self.sampler.state_dict(), "rng": capture_rng_state()}
+        ranks = self.dist.gather(rank_state)  # every rank takes part; rank 0 writes
+        self.last_save_step = self.step
+        if not self.dist.is_main:
+            return
+        loss, bpb = self.last_eval or (math.nan, math.nan)
+        meta = {
+            "tokenizer": "gpt2",
+            "run": "finetune" if self.cfg.init_from else "train",
+            "step": self.step,
+            "tokens_seen": self.tokens,
+            "val_loss": loss,
+            "val_bpb": bpb,
+            "train_loss": self.train_loss,
+            "elapsed_s": round(self.elapsed(), 3),
+            "data_sources": self.data.meta["sources"],
+            "data_hash": self.data_hash(),
+            "init_from": self.cfg.init_from,
+            "init_source": self.init_meta.get("source"),
+            "train_config": self.cfg.to_dict(),
+        }
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens,
+            "elapsed": self.elapsed(),
+            "warmup_elapsed": self.warmup_elapsed,
+            "best_val_loss": self.best[0],
+            "best_val_bpb": self.best[1],
+            "world_size": self.dist.world,
+            "ranks": ranks,
+            "dtype": str(self.amp_dtype).removeprefix("torch."),
+            "step_time": self.step_time,
+            "reserve": self.reserve,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        save_checkpoint(self.run_dir / "last", model=self.raw, meta=meta, optimizer=self.optimizer, train_state=state)
+        if best:
+            save_checkpoint(self.run_dir / "best", model=self.raw, meta=meta)
+
+    def _eval_and_save(self) -> None:
+        started = time.perf_counter()
+        self.save(best=self.evaluate())
+        self.reserve = time.perf_counter() - started
+
+    def _stop_reason(self) -> tuple[str | None, float]:
+        """Why to stop before the next step (None: go on), and the elapsed time all ranks agree on.
+
+        Also decides whether the step about to run ends with an evaluation because `eval_minutes` passed.
+        """
+        elapsed = self.elapsed()
+        out_of_time = self.max_seconds is not None and elapsed + self.step_time + self.reserve >= self.max_seconds
+        eval_due = self.cfg.eval_minutes is not None and elapsed - self.last_eval_time >= self.cfg.eval_minutes * 60
+        elapsed, out_of_time, eval_due = self.dist.broadcast([elapsed, out_of_time, eval_due])  # rank 0's clock
+        self.eval_due = bool(eval_due)
+        if self.step_limit is not None and self.step >= self.step_limit:
+            return self.step_reason, elapsed
+        return ("max_minutes" if out_of_time else None), elapsed
+
+    def lr(self, elapsed: float) -> float:
+        cfg = self.cfg
+        if self.step == cfg.warmup_steps and self.warmup_elapsed is None:
+            self.warmup_elapsed = elapsed
+        progress = []
+        if self.step_limit is not None:
+            span = self.step_limit - cfg.warmup_steps
+            progress.append((self.step - cfg.warmup_steps) / span if span > 0 else 1.0)
+        if self.max_seconds is not None:
+            start = self.warmup_elapsed or 0.0
+            span = self.max_seconds - start
+            progress.append((elapsed - start) / span if span > 0 else 1.0)
+        return lr_at(
+            self.step, decay_progress=max(progress), warmup_steps=cfg.warmup_steps, lr=cfg.lr, min_lr=cfg.final_lr
+        )
+
+    def run(self) -> TrainResult:
+        self.t0 = time.perf_counter()
+        if self.step == 0:
+            self.evaluate(track_best=False)  # the curves' starting point; also measures what an evaluation costs
+            self.reserve = time.perf_counter() - self.t0
+        bar = self._progress_bar()
+        self._window = (0.0, 0, time.perf_counter())  # (sum of losses, steps, start) since the last metrics line
+        try:
+            while True:
+                reason, elapsed = self._stop_reason()
+                if reason is not None:
+                    break
+                started = time.perf_counter()
+                self._step(self.lr(elapsed), bar)
+                took = time.perf_counter() - started  # one whole iteration, what the time budget must fit
+                self.train_seconds += took
+                self.step_time = took if self.step_time == 0 else 0.9 * self.step_time + 0.1 * took
+                if self.step % self.cfg.eval_interval == 0 or self.eval_due:
+                    self._eval_and_save()
+                    self._window = (*self._window[:2], time.perf_counter())
+                if bar is not None:
+                    bar.update(self.elapsed() - bar.n if self.max_seconds is not None else 1)
+        except KeyboardInterrupt:
+            if self.dist.world == 1 and self.step > self.last_save_step:
+                logger.warning("interrupted: saving %s", self.run_dir / "last")
+                self.save(best=False)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.last_eval_step != self.step:
+            self._eval_and_save()
+        elif self.last_save_step != self.step:  # stopped right after the step-0 evaluation: save that model
+            self.best = min(self.best, self.last_eval or self.best)
+            self.save(best=self.best == self.last_eval)
+        return self._finish(reason)
+
+    def _step(self, lr: float, bar: tqdm | None) -> None:
+        """One optimizer step at `lr`, and a metrics line every `log_interval` steps."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, norm = train_step(
+            self.model,
+            self.optimizer,
+            lambda: self.sampler.next_batch(self.device),
+            grad_accum=cfg.grad_accum,
+            amp_dtype=self.amp_dtype,
+            scaler=self.scaler,
+            grad_clip=cfg.grad_clip,
+        )
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        self.session_tokens += self.tokens_per_step
+        total, steps, start = self._window
+        total, steps = total + loss.item(), steps + 1
+        self._window = (total, steps, start)
+        if self.step % cfg.log_interval:
+            return
+        self.train_loss = self.dist.sum(torch.tensor([total / steps], device=self.device)).item() / self.dist.world
+        tps = steps * self.tokens_per_step / (time.perf_counter() - start)
+        grad_norm = None if norm is None else norm.item()
+        record = {"loss": self.train_loss, "lr": lr, "tokens_per_s": round(tps, 1), "grad_norm": grad_norm}
+        self._log({"event": "train", **record})
+        if bar is not None:
+            bar.set_postfix_str(f"step {self.step}, loss {self.train_loss:.3f}, lr {lr:.2e}, {tps:,.0f} tok/s")
+        self._window = (0.0, 0, time.perf_counter())
+
+    def _progress_bar(self) -> tqdm | None:
+        if not self.progress:
+            return None
+        if self.max_seconds is not None:  # the wall clock rules: the bar counts seconds, its ETA is the budget's
+            fmt = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]"
+            return tqdm(total=self.max_seconds, initial=self.elapsed(), desc="training", bar_format=fmt)
+        return tqdm(total=self.step_limit, initial=self.step, desc="training", unit="step")
+
+    def _finish(self, reason: str | None) -> TrainResult:
+        loss, bpb = self.last_eval or (math.nan, math.nan)
+        result = TrainResult(
+            steps=self.step,
+            tokens=self.tokens,
+            seconds=self.elapsed(),
+            stopped_by=reason or "unknown",
+            train_loss=self.train_loss,
+            val_loss=loss,
+            val_bpb=bpb,
+            best_val_loss=self.best[0],
+            best_val_bpb=self.best[1],
+            tokens_per_second=self.session_tokens / max(self.train_seconds, 1e-9),
+            run_dir=self.run_dir,
+            last_checkpoint=self.run_dir / "last",
+            best_checkpoint=self.run_dir / "best" if (self.run_dir / "best").exists() else None,
+            metrics_path=self.run_dir / METRICS_FILE,
+            plot_path=self.run_dir / PLOT_FILE,
+            rank=self.dist.rank,
+        )
+        if self.dist.is_main:
+            self._log(
+                {
+                    "event": "end",
+                    "stopped_by": result.stopped_by,
+                    "val_loss": loss,
+                    "val_bpb": bpb,
+                    "best_val_loss": self.best[0],
+                    "best_val_bpb": self.best[1],
+                    "tokens_per_s": round(result.tokens_per_second, 1),
+                }
+            )
+            logger.info("%s", result.summary())
+        return result
+
+
+# --- entry points ----------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """Train (or fine-tune, with `config.init_from`) until the first budget; return what happened.
+
+    Under `torchrun` every process calls this; each returns a result, rank 0 alone writes files.
+
+    Raises:
+        TrainError: unusable options or run directory (e.g. resume without a checkpoint, or a mismatched one).
+        TinyLLMError: unreadable data (`CorpusError`) or weights (`CheckpointError`, `GPT2UnavailableError`).
+    """
+    job = _Dist(config.device)
+    try:
+        run = _Run(config, job, progress=progress)
+        if run.progress:
+            with logging_redirect_tqdm():
+                return run.run()
+        return run.run()
+    finally:
+        job.close()
+
+
+def finetune(*, init_from: str, data: Sequence[str | Path], progress: bool = True, **overrides: Any) -> TrainResult:
+    """Fine-tune GPT-2 ("gpt2", a hub id, a local Hugging Face directory) or a tinyllm checkpoint on `data`.
+
+    Uses `FINETUNE_DEFAULTS` (low LR, short warmup) under `overrides` (any `TrainConfig` field); the
+    block size is capped at the model's; the result is a normal checkpoint in `run_dir`.
+    """
+    return train(finetune_config(init_from=init_from, data=data, **overrides), progress=progress)
+
+
+def default_config(*, minutes: float = 10.0, run_dir: str | Path = "runs/default", **overrides: Any) -> TrainConfig:
+    """The default recipe: preset "default" on the built-in corpus for `minutes` of wall clock."""
+    return train_config(**{"preset": "default", "max_minutes": minutes, "run_dir": str(run_dir), **overrides})
+
+
+def train_default(
+    *, minutes: float = 10.0, run_dir: str | Path = "runs/default", progress: bool = True, **overrides: Any
+) -> TrainResult:
+    """Train the default recipe (see `default_config`) with a progress bar; what `tinyllm run` calls."""
+    return train(default_config(minutes=minutes, run_dir=run_dir, **overrides), progress=progress)

@@ -1,0 +1,280 @@
+"""Every failure the server can meet, mapped to one status and one JSON shape (never a traceback)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from server_helpers import held_engine, serving, slow_engine, tiny_model
+
+from tinyllm.engine import Engine, PromptTooLongError, QueueFullError
+from tinyllm.sampling import SamplingError
+from tinyllm.server import ServerSettings, create_app
+from tinyllm.server.errors import to_api_error
+from tinyllm.server.worker import LoadedModel
+from tinyllm.tokenizer import Tokenizer
+
+SETTINGS = ServerSettings(checkpoint=None, gpt2=None, slots=2, max_queue=4)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _openai_error(r, status: int) -> dict:  # noqa: ANN001
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def _flat_error(r, status: int) -> dict:  # noqa: ANN001
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"detail", "type", "param", "code"} and isinstance(body["detail"], str)
+    return body
+
+
+# --- models that are not there -----------------------------------------------------------------------------------
+
+
+def test_missing_models_leave_the_server_up_with_503s_that_say_how_to_fix(tmp_path: Path) -> None:
+    settings = ServerSettings(checkpoint=str(tmp_path / "runs" / "default"), gpt2=str(tmp_path / "no-gpt2"))
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/health").status_code == 200
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+        custom = _flat_error(client.post("/generate/custom", json={"prompt": "hi"}), 503)
+        assert "tinyllm train" in custom["detail"] and "make run" in custom["detail"]
+        gpt2 = _flat_error(client.post("/generate/gpt2", json={"prompt": "hi"}), 503)
+        assert "GPT-2 weights" in gpt2["detail"] and "not available" in gpt2["detail"]
+        err = _openai_error(client.post("/v1/completions", json={"model": "gpt2", "prompt": "hi"}), 503)
+        assert err["type"] == "service_unavailable" and err["code"] == "model_unavailable"
+        models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert not models["custom"]["ready"] and "tinyllm train" in models["custom"]["error"]
+
+
+def test_disabled_gpt2_says_how_to_enable() -> None:
+    with TestClient(create_app(SETTINGS)) as client:
+        body = _flat_error(client.post("/generate/gpt2", json={"prompt": "hi"}), 503)
+        assert body["code"] == "model_unavailable" and "disabled" in body["detail"]
+
+
+def test_a_slow_model_is_503_loading_until_it_is_ready(gpt2_tokenizer: Tokenizer) -> None:
+    release = threading.Event()
+
+    def slow_loader() -> LoadedModel:
+        release.wait(10)
+        return LoadedModel(tiny_model(), gpt2_tokenizer)
+
+    settings = SETTINGS.replace(load_wait_s=0.05)
+    with TestClient(create_app(settings, loaders={"custom": slow_loader})) as client:
+        r = client.post("/generate/custom", json={"prompt": "hi", "max_new_tokens": 2})
+        assert _flat_error(r, 503)["code"] == "model_loading" and r.headers["retry-after"] == "5"
+        assert client.get("/ready").json()["models"]["custom"]["state"] == "loading"
+        release.set()
+        _wait_until(lambda: client.get("/ready").status_code == 200)
+        assert client.post("/generate/custom", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+
+
+def test_real_checkpoint_and_local_gpt2_directory_load(tmp_path: Path, gpt2_tokenizer: Tokenizer) -> None:
+    from safetensors.torch import save_file
+
+    from tinyllm.checkpoint import save_checkpoint
+    from tinyllm.gpt2 import hf_config_dict, to_hf_state_dict
+
+    run = tmp_path / "run"
+    save_checkpoint(run / "best", model=tiny_model(), meta={"step": 1})
+    hf_dir = tmp_path / "hf"  # what `hf download openai-community/gpt2` leaves, for a tiny model
+    hf_dir.mkdir()
+    state = {k: v.contiguous() for k, v in to_hf_state_dict(tiny_model()).items() if k != "lm_head.weight"}
+    save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    (hf_dir / "config.json").write_text(json.dumps(hf_config_dict(tiny_model().config)))
+    settings = ServerSettings(checkpoint=str(run), gpt2=str(hf_dir), slots=2)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/ready").json()["status"] == "ready"
+        body = {"prompt": "Hello", "max_new_tokens": 3, "temperature": 0}
+        a = client.post("/generate/custom", json=body)
+        b = client.post("/generate/gpt2", json=body)
+        assert a.status_code == b.status_code == 200
+        assert a.json() == b.json()  # the same weights through both loaders
+
+
+# --- auth, size, validation --------------------------------------------------------------------------------------
+
+
+def test_api_key_is_required_everywhere_but_health(gpt2_tokenizer: Tokenizer) -> None:
+    with serving(gpt2_tokenizer, settings=SETTINGS.replace(api_key="s3cret")) as client:
+        assert client.get("/health").status_code == 200
+        r = client.get("/ready")
+        assert _flat_error(r, 401)["type"] == "authentication_error"
+        assert r.headers["www-authenticate"] == "Bearer"
+        _openai_error(client.get("/v1/models"), 401)
+        _openai_error(client.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        _flat_error(client.get("/metrics"), 401)
+        _flat_error(client.post("/generate/custom", json={"prompt": "x"}), 401)
+        ok = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert "s3cret" not in client.get("/openapi.json").text
+
+
+def test_body_limit_by_content_length_and_by_streamed_body(gpt2_tokenizer: Tokenizer) -> None:
+    with serving(gpt2_tokenizer, settings=SETTINGS.replace(max_body_bytes=300)) as client:
+        big = {"prompt": "x" * 400}
+        assert "300 bytes" in _flat_error(client.post("/generate/custom", json=big), 413)["detail"]
+        _openai_error(client.post("/v1/completions", json=big), 413)
+
+        def chunks():  # no Content-Length: sent chunked
+            for _ in range(10):
+                yield b'{"prompt": "' + b"y" * 50
+
+        r = client.post("/generate/custom", content=chunks(), headers={"Content-Type": "application/json"})
+        _flat_error(r, 413)
+        assert client.post("/generate/custom", json={"prompt": "small", "max_new_tokens": 1}).status_code == 200
+
+
+def test_validation_errors_name_the_field(gpt2_tokenizer: Tokenizer) -> None:
+    with serving(gpt2_tokenizer, settings=SETTINGS) as client:
+        assert _flat_error(client.post("/generate/custom", json={}), 422)["param"] == "prompt"
+        bad_temp = client.post("/generate/custom", json={"prompt": "x", "temperature": 9})
+        assert _flat_error(bad_temp, 422)["param"] == "temperature"
+        typo = client.post(
+            "/generate/custom", json={"prompt": "x", "max_tokens": 9}
+        )  # the seed's name is max_new_tokens
+        assert _flat_error(typo, 422)["param"] == "max_tokens"
+        assert _openai_error(client.post("/v1/completions", json={"prompt": "x", "n": 0}), 422)["param"] == "n"
+        msgs = client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
+        assert _openai_error(msgs, 422)["param"] == "messages.0.role"
+        raw = client.post("/generate/custom", content=b'{"prompt": ', headers={"Content-Type": "application/json"})
+        assert _flat_error(raw, 400)["code"] == "invalid_json"
+        _openai_error(
+            client.post("/v1/completions", content=b"{nope", headers={"Content-Type": "application/json"}), 400
+        )
+
+
+def test_prompt_too_long_is_400_unless_truncation_is_asked(gpt2_tokenizer: Tokenizer) -> None:
+    long_prompt = "word " * 100  # 100 tokens > the 64-token context
+    with serving(gpt2_tokenizer, settings=SETTINGS) as client:
+        err = _flat_error(client.post("/generate/custom", json={"prompt": long_prompt}), 400)
+        assert err["param"] == "prompt" and err["code"] == "context_length_exceeded"
+        oa = _openai_error(client.post("/v1/completions", json={"prompt": long_prompt}), 400)
+        assert oa["code"] == "context_length_exceeded"
+        ok = client.post("/generate/custom", json={"prompt": long_prompt, "truncate_prompt": True, "max_new_tokens": 4})
+        assert ok.status_code == 200 and ok.json()["generated_text"].startswith(long_prompt)
+        usage = client.post("/v1/completions", json={"prompt": long_prompt, "truncate_prompt": True}).json()["usage"]
+        assert usage["prompt_tokens"] < 64
+
+
+def test_unknown_model_route_method_and_limits(gpt2_tokenizer: Tokenizer) -> None:
+    with serving(gpt2_tokenizer, settings=SETTINGS.replace(max_new_tokens_cap=10)) as client:
+        err = _openai_error(client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"}), 404)
+        assert err["code"] == "model_not_found" and err["param"] == "model"
+        assert _flat_error(client.get("/nope"), 404)["type"] == "not_found_error"
+        _openai_error(client.get("/v1/nope"), 404)
+        _flat_error(client.get("/generate/custom"), 405)
+        cap = client.post("/generate/custom", json={"prompt": "x", "max_new_tokens": 11})
+        assert _flat_error(cap, 400)["param"] == "max_new_tokens"
+        ids = client.post("/v1/completions", json={"prompt": [1, 99999]})
+        assert _openai_error(ids, 400)["param"] == "prompt"
+        batch = client.post("/v1/completions", json={"prompt": ["a"] * 4, "n": 8})
+        assert _openai_error(batch, 400)["param"] == "n"
+
+
+def test_engine_errors_map_to_statuses() -> None:
+    assert to_api_error(QueueFullError("full")).status == 429
+    assert to_api_error(QueueFullError("full")).headers == {"Retry-After": "1"}
+    assert to_api_error(PromptTooLongError("long")).param == "prompt"
+    sampling = to_api_error(SamplingError("top_p must be in (0, 1], got 2"))
+    assert (sampling.status, sampling.param) == (400, "top_p")
+
+
+# --- backpressure and deadlines ----------------------------------------------------------------------------------
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list]:  # noqa: ANN001
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    return t, out
+
+
+def _wait_until(predicate, timeout: float = 5.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_full_queue_answers_429_with_retry_after(gpt2_tokenizer: Tokenizer) -> None:
+    gate = threading.Event()  # held: nothing leaves the queue until the gate opens
+    settings = SETTINGS.replace(slots=1, max_queue=1)
+    with serving(gpt2_tokenizer, settings=settings, engine_factory=held_engine(gate)) as client:
+        worker = client.app.state.workers["custom"]
+        waiting: list[tuple[threading.Thread, list]] = []
+        rejected = None
+        try:
+            for i in range(8):  # fill the queue (its exact size is the engine's business) until one bounces
+                t, out = _in_thread(lambda: client.post("/generate/custom", json={"prompt": "a", "max_new_tokens": 2}))
+                _wait_until(lambda i=i, t=t: worker.queue_depth == i + 1 or not t.is_alive())
+                if not t.is_alive():
+                    rejected = out[0]
+                    break
+                waiting.append((t, out))
+            assert rejected is not None and waiting
+            assert _flat_error(rejected, 429)["code"] == "queue_full" and rejected.headers["retry-after"] == "1"
+            _openai_error(client.post("/v1/completions", json={"prompt": "c"}), 429)
+        finally:
+            gate.set()
+        for t, out in waiting:
+            t.join(5)
+            assert out[0].status_code == 200
+
+
+def test_deadline_while_queued_is_503_and_frees_the_queue(gpt2_tokenizer: Tokenizer) -> None:
+    gate = threading.Event()
+    settings = SETTINGS.replace(request_timeout_s=0.3)
+    with serving(gpt2_tokenizer, settings=settings, engine_factory=held_engine(gate)) as client:
+        try:
+            r = client.post("/generate/custom", json={"prompt": "a"})
+            err = _flat_error(r, 503)
+            assert err["code"] == "timeout" and "retry-after" in r.headers
+            assert client.app.state.workers["custom"].queue_depth == 0
+        finally:
+            gate.set()
+
+
+def test_deadline_mid_generation_returns_what_is_there(gpt2_tokenizer: Tokenizer) -> None:
+    settings = SETTINGS.replace(request_timeout_s=0.5)
+    with serving(gpt2_tokenizer, settings=settings, engine_factory=slow_engine(0.05)) as client:
+        start = time.monotonic()
+        r = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 60})
+        assert time.monotonic() - start < 2.0
+        body = r.json()
+        assert r.status_code == 200 and body["choices"][0]["finish_reason"] == "length"
+        assert 1 <= body["usage"]["completion_tokens"] < 30
+        assert client.app.state.workers["custom"].active_slots == 0
+
+
+# --- bugs --------------------------------------------------------------------------------------------------------
+
+
+class _BrokenEngine(Engine):
+    def submit(self, request, *, on_event=None):  # noqa: ANN001, ANN201
+        raise RuntimeError("secret internals /etc/passwd")
+
+
+def test_a_bug_is_a_generic_500_and_a_log_line(gpt2_tokenizer: Tokenizer, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(loaded: LoadedModel, settings: ServerSettings) -> Engine:
+        return _BrokenEngine(loaded.model, tokenizer=loaded.tokenizer)
+
+    with serving(gpt2_tokenizer, settings=SETTINGS, engine_factory=broken) as client, caplog.at_level(logging.ERROR):
+        r = client.post("/v1/completions", json={"prompt": "x"}, headers={"X-Request-ID": "bug-1"})
+        err = _openai_error(r, 500)
+        assert err["type"] == "server_error" and "secret" not in r.text and "Traceback" not in r.text
+        assert r.headers["x-request-id"] == "bug-1"
+        flat = _flat_error(client.post("/generate/custom", json={"prompt": "x"}), 500)
+        assert "secret" not in flat["detail"]
+    assert any("bug-1" in rec.getMessage() and rec.exc_info for rec in caplog.records)

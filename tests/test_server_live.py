@@ -1,0 +1,124 @@
+"""A real uvicorn on a free loopback port, driven by the official `openai` SDK and by plain httpx."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from server_helpers import gpt2_tokenizer_or_skip, slow_engine, tiny_loaders
+
+from tinyllm.server import ServerSettings, create_app
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.timeout(60)
+
+API_KEY = "test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[tuple[str, FastAPI]]:
+    """(base URL, app) of a server running in a thread; slow steps (10 ms) so a stream can be interrupted."""
+    tokenizer = gpt2_tokenizer_or_skip()
+    port = _free_port()
+    settings = ServerSettings(port=port, checkpoint=None, gpt2=None, api_key=API_KEY, slots=4)
+    app = create_app(settings, loaders=tiny_loaders(tokenizer), engine_factory=slow_engine(0.01))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def client(live: tuple[str, FastAPI]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live[0]}/v1", api_key=API_KEY, max_retries=0, timeout=20)
+
+
+def test_sdk_lists_models(client: openai.OpenAI) -> None:
+    assert {m.id for m in client.models.list()} == {"custom", "gpt2"}
+
+
+def test_sdk_completion_with_logprobs(client: openai.OpenAI) -> None:
+    out = client.completions.create(model="custom", prompt="Hello", max_tokens=5, logprobs=5, seed=1)
+    choice = out.choices[0]
+    assert choice.finish_reason == "length" and out.usage.completion_tokens == 5
+    assert len(choice.logprobs.tokens) == 5 and len(choice.logprobs.top_logprobs[0]) == 5
+
+
+def test_sdk_completion_stream(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.completions.create(
+            model="gpt2", prompt="Hello", max_tokens=6, stream=True, logprobs=2, stream_options={"include_usage": True}
+        )
+    )
+    text_chunks = [c for c in chunks if c.choices]
+    assert sum(len(c.choices[0].logprobs.tokens) for c in text_chunks) == 6
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_sdk_chat_and_chat_stream(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Say hi"}]
+    out = client.chat.completions.create(model="custom", messages=messages, max_tokens=5, logprobs=True, top_logprobs=2)
+    assert out.choices[0].message.role == "assistant" and isinstance(out.choices[0].message.content, str)
+    assert len(out.choices[0].logprobs.content) == out.usage.completion_tokens
+    stream = client.chat.completions.create(model="custom", messages=messages, max_tokens=5, stream=True, seed=3)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    again = client.chat.completions.create(model="custom", messages=messages, max_tokens=5, seed=3)
+    assert streamed == again.choices[0].message.content
+
+
+def test_sdk_errors_are_its_usual_exceptions(live: tuple[str, FastAPI]) -> None:
+    bad_key = openai.OpenAI(base_url=f"{live[0]}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.models.list()
+    good = openai.OpenAI(base_url=f"{live[0]}/v1", api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as info:
+        good.completions.create(model="gpt-4", prompt="x")
+    assert info.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as info:
+        good.completions.create(model="custom", prompt="word " * 100)
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_plain_httpx_seed_route_and_stream_disconnect(live: tuple[str, FastAPI]) -> None:
+    base, app = live
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=base, headers=headers, timeout=20) as http:
+        assert http.get("/health", headers={"Authorization": ""}).json() == {"status": "ok"}
+        r = http.post("/generate/custom", json={"prompt": "The future of AI is", "max_new_tokens": 4})
+        assert r.status_code == 200 and r.json()["generated_text"].startswith("The future of AI is")
+        assert r.headers["x-request-id"]
+        worker = app.state.workers["custom"]
+        body = {"prompt": "Hello", "stream": True, "max_new_tokens": 60}
+        with http.stream("POST", "/generate/custom", json=body) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert worker.active_slots == 1
+        deadline = time.monotonic() + 2  # closing the connection cancels the request server-side
+        while worker.active_slots:
+            assert time.monotonic() < deadline, "slot still busy after the client left"
+            time.sleep(0.01)
+        assert 'tinyllm_active_slots{model="custom"} 0.0' in http.get("/metrics").text

@@ -1,0 +1,207 @@
+"""Every route in-process, on tiny random models with the real GPT-2 tokenizer: status codes, shapes, SSE framing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from server_helpers import BLOCK_SIZE, gpt2_tokenizer_or_skip, serving, sse_json
+
+from tinyllm.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return gpt2_tokenizer_or_skip()
+
+
+@pytest.fixture(scope="module")
+def client(tok: Tokenizer) -> Iterator[TestClient]:
+    with serving(tok) as c:
+        yield c
+
+
+# --- seed routes -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["custom", "gpt2"])
+def test_seed_contract_is_exactly_generated_text(client: TestClient, tok: Tokenizer, model: str) -> None:
+    r = client.post(f"/generate/{model}", json={"prompt": "The future of AI is"})
+    assert r.status_code == 200
+    body = r.json()
+    assert list(body) == ["generated_text"]
+    assert body["generated_text"].startswith("The future of AI is")
+    new_tokens = len(tok.encode(body["generated_text"])) - len(tok.encode("The future of AI is"))
+    assert 1 <= new_tokens <= 64 + 2  # the default is 64 new tokens (re-tokenizing may merge across the seam)
+
+
+def test_seed_is_reproducible_with_a_seed_and_greedy_is_deterministic(client: TestClient) -> None:
+    body = {"prompt": "Hello", "max_new_tokens": 12, "seed": 7}
+    a, b = (client.post("/generate/custom", json=body).json() for _ in range(2))
+    assert a == b
+    greedy = {"prompt": "Hello", "max_new_tokens": 12, "temperature": 0}
+    assert client.post("/generate/custom", json=greedy).json() == client.post("/generate/custom", json=greedy).json()
+
+
+def test_seed_stop_strings_cut_the_text(client: TestClient) -> None:
+    free = client.post("/generate/custom", json={"prompt": "x", "max_new_tokens": 20, "temperature": 0}).json()
+    continuation = free["generated_text"][1:]
+    stop = continuation[3:6]
+    assert stop.strip(), continuation
+    cut = client.post(
+        "/generate/custom", json={"prompt": "x", "max_new_tokens": 20, "temperature": 0, "stop": [stop]}
+    ).json()
+    assert cut["generated_text"] == "x" + continuation[: continuation.index(stop)]
+
+
+def test_empty_prompt_starts_from_end_of_text(client: TestClient) -> None:
+    r = client.post("/generate/custom", json={"prompt": "", "max_new_tokens": 3})
+    assert r.status_code == 200 and isinstance(r.json()["generated_text"], str)
+
+
+def test_seed_stream_framing_deltas_final_event_and_done(client: TestClient) -> None:
+    r = client.post("/generate/custom", json={"prompt": "Once", "stream": True, "max_new_tokens": 6, "seed": 3})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_json(r.text)
+    *deltas, final = events
+    assert all(set(e) == {"text"} for e in deltas)
+    assert final["finish_reason"] in ("length", "stop")
+    assert final["generated_text"] == "Once" + "".join(e["text"] for e in events)
+    assert final["usage"]["completion_tokens"] <= 6
+    plain = client.post("/generate/custom", json={"prompt": "Once", "max_new_tokens": 6, "seed": 3}).json()
+    assert plain["generated_text"] == final["generated_text"]
+
+
+def test_tokenize(client: TestClient, tok: Tokenizer) -> None:
+    r = client.post("/tokenize", json={"text": "Hello world"})
+    assert r.json() == {"ids": tok.encode("Hello world"), "tokens": ["Hello", " world"]}
+    assert client.post("/tokenize", json={"text": ""}).json() == {"ids": [], "tokens": []}
+
+
+# --- OpenAI-compatible -------------------------------------------------------------------------------------------
+
+
+def test_models_lists_both(client: TestClient) -> None:
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    cards = {m["id"]: m for m in body["data"]}
+    assert set(cards) == {"custom", "gpt2"}
+    assert all(m["object"] == "model" and m["ready"] and m["context_length"] == BLOCK_SIZE for m in cards.values())
+
+
+def test_completion_shape_usage_and_logprobs(client: TestClient, tok: Tokenizer) -> None:
+    r = client.post("/v1/completions", json={"model": "custom", "prompt": "Hello", "max_tokens": 5, "logprobs": 5})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == "custom"
+    (choice,) = body["choices"]
+    assert choice["finish_reason"] == "length"
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(5)]
+    assert all(
+        len(top) <= 5 and max(top.values()) >= lp["token_logprobs"][i] - 1e-5
+        for i, top in enumerate(lp["top_logprobs"])
+    )
+    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}
+
+
+def test_completion_list_prompt_n_echo_and_token_prompt(client: TestClient, tok: Tokenizer) -> None:
+    body = {"model": "gpt2", "prompt": ["One", "Two words"], "max_tokens": 3, "n": 2, "seed": 1, "echo": True}
+    choices = client.post("/v1/completions", json=body).json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    prompts = ["One", "One", "Two words", "Two words"]
+    assert all(c["text"].startswith(p) for c, p in zip(choices, prompts, strict=True))
+    assert choices[0]["text"] != choices[1]["text"]  # n choices sample with seed + i
+    ids = tok.encode("Hello there")
+    by_ids = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 3, "temperature": 0}).json()
+    by_text = client.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 3, "temperature": 0}).json()
+    assert by_ids["choices"][0]["text"] == by_text["choices"][0]["text"]
+    assert by_ids["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_completion_stream_chunks_carry_token_logprobs(client: TestClient) -> None:
+    body = {"prompt": "Hi", "max_tokens": 4, "stream": True, "logprobs": 5, "stream_options": {"include_usage": True}}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = sse_json(r.text)
+    *token_chunks, usage = chunks
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 4
+    assert all(c["object"] == "text_completion" and len(c["choices"]) == 1 for c in token_chunks)
+    per_token = [c["choices"][0]["logprobs"] for c in token_chunks]
+    assert sum(len(lp["tokens"]) for lp in per_token) == 4
+    assert all(len(lp["top_logprobs"][0]) == 5 for lp in per_token)
+    assert token_chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in token_chunks[:-1])
+
+
+def test_chat_completion_and_template(client: TestClient, tok: Tokenizer) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    body = {"model": "custom", "messages": messages, "max_tokens": 4, "logprobs": True, "top_logprobs": 3}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")
+    (choice,) = out["choices"]
+    assert (
+        choice["message"]["role"] == "assistant"
+        and choice["message"]["content"] == choice["message"]["content"].lstrip()
+    )
+    content = choice["logprobs"]["content"]
+    assert len(content) == 4 and all(len(e["top_logprobs"]) == 3 and bytes(e["bytes"]) for e in content)
+    assert out["usage"]["prompt_tokens"] == len(tok.encode("Be brief.\n\nUser: Hi\nAssistant:"))
+
+
+def test_chat_stream_starts_with_role_and_ends_with_finish(client: TestClient) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True}
+    chunks = sse_json(client.post("/v1/chat/completions", json=body).text)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+# --- operations --------------------------------------------------------------------------------------------------
+
+
+def test_health_ready_and_request_id(client: TestClient) -> None:
+    r = client.get("/health", headers={"X-Request-ID": "abc-123"})
+    assert r.json() == {"status": "ok"} and r.headers["x-request-id"] == "abc-123"
+    generated = client.get("/health").headers["x-request-id"]
+    assert len(generated) == 32
+    ready = client.get("/ready")
+    assert ready.status_code == 200
+    assert {m["state"] for m in ready.json()["models"].values()} == {"ready"}
+
+
+def test_metrics_count_requests_and_tokens(client: TestClient) -> None:
+    client.post("/generate/custom", json={"prompt": "count me", "max_new_tokens": 3})
+    text = client.get("/metrics").text
+    assert 'tinyllm_http_requests_total{method="POST",route="/generate/custom",status="200"}' in text
+    for name in (
+        "tinyllm_generated_tokens_total",
+        "tinyllm_prompt_tokens_total",
+        "tinyllm_time_to_first_token_seconds_bucket",
+        "tinyllm_generation_seconds_bucket",
+        'tinyllm_queue_depth{model="custom"} 0.0',
+        'tinyllm_active_slots{model="custom"} 0.0',
+        'tinyllm_model_loaded{model="gpt2"} 1.0',
+    ):
+        assert name in text, name
+
+
+def test_page_and_static_paths(client: TestClient) -> None:
+    from tinyllm.server.routes_ops import STATIC_DIR
+
+    r = client.get("/")
+    if (STATIC_DIR / "index.html").is_file():
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    else:
+        assert r.status_code == 404 and r.json()["type"] == "not_found_error"
+    missing = client.get("/static/definitely-not-here.js")
+    assert missing.status_code == 404 and "detail" in missing.json()

@@ -1,0 +1,76 @@
+"""ServerSettings: safe defaults, the TINYLLM_* environment, overrides, bounds."""
+
+from __future__ import annotations
+
+import pytest
+
+from tinyllm.server.settings import DEFAULT_GPT2_SOURCE, ServerSettings, SettingsError
+
+
+def test_defaults_are_private_and_sensible() -> None:
+    s = ServerSettings()
+    assert (s.host, s.port, s.api_key) == ("127.0.0.1", 5000, None)
+    assert s.checkpoint == "runs/default" and s.gpt2 == DEFAULT_GPT2_SOURCE
+    assert s.sampling.max_new_tokens == 64 and s.sampling.repetition_penalty > 1.0
+
+
+def test_from_env_reads_the_five_variables() -> None:
+    env = {
+        "TINYLLM_HOST": "0.0.0.0",
+        "TINYLLM_PORT": "8080",
+        "TINYLLM_API_KEY": "secret",
+        "TINYLLM_CHECKPOINT": "runs/x",
+        "TINYLLM_GPT2": "off",
+        "UNRELATED": "1",
+    }
+    s = ServerSettings.from_env(env)
+    assert (s.host, s.port, s.api_key, s.checkpoint, s.gpt2) == ("0.0.0.0", 8080, "secret", "runs/x", None)
+
+
+def test_overrides_win_over_the_environment() -> None:
+    s = ServerSettings.from_env({"TINYLLM_PORT": "8080", "TINYLLM_GPT2": "/models/gpt2"}, port=9000, slots=2)
+    assert (s.port, s.gpt2, s.slots) == (9000, "/models/gpt2", 2)
+
+
+def test_none_overrides_mean_not_given_except_for_models_and_key() -> None:
+    s = ServerSettings.from_env({"TINYLLM_PORT": "8080"}, host=None, port=None, gpt2=None, api_key=None)
+    assert (s.host, s.port, s.gpt2, s.api_key) == ("127.0.0.1", 8080, None, None)
+
+
+def test_from_env_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TINYLLM_API_KEY", "")
+    monkeypatch.setenv("TINYLLM_PORT", "5001")
+    s = ServerSettings.from_env()
+    assert s.api_key is None and s.port == 5001
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides"),
+    [({"TINYLLM_PORT": "http"}, {}), ({}, {"port": 70000}), ({}, {"slots": 0}), ({}, {"request_timeout_s": 0})],
+)
+def test_bad_values_fail_clearly(env: dict[str, str], overrides: dict[str, object]) -> None:
+    with pytest.raises(SettingsError):
+        ServerSettings.from_env(env, **overrides)
+
+
+def test_cli_serve_builds_settings_from_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tinyllm import cli
+    from tinyllm.server import app
+
+    seen: list[ServerSettings] = []
+    monkeypatch.setattr(app, "serve", lambda settings: seen.append(settings))
+    for name in ("TINYLLM_HOST", "TINYLLM_CHECKPOINT", "TINYLLM_GPT2"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TINYLLM_API_KEY", "from-env")
+    monkeypatch.setenv("TINYLLM_PORT", "6000")
+    assert cli.main(["serve", "--no-gpt2", "--checkpoint", "runs/x", "--host", "127.0.0.2"]) == 0
+    assert cli.main(["serve", "--gpt2", "/models/gpt2", "--port", "7000", "--api-key", "flag"]) == 0
+    first, second = seen
+    assert (first.host, first.port, first.gpt2, first.checkpoint, first.api_key) == (
+        "127.0.0.2",
+        6000,
+        None,
+        "runs/x",
+        "from-env",
+    )
+    assert (second.host, second.port, second.gpt2, second.api_key) == ("127.0.0.1", 7000, "/models/gpt2", "flag")

@@ -1,0 +1,292 @@
+"""Training: loss falls, resume is exact, budgets stop where they say, DDP writes once, fine-tuning, errors, files."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinyllm import train as train_mod
+from tinyllm.checkpoint import load_checkpoint, load_train_state
+from tinyllm.cli import main
+from tinyllm.config import ModelConfig, TrainConfig
+from tinyllm.corpus import CorpusError
+from tinyllm.errors import TinyLLMError
+from tinyllm.model import GPT
+from tinyllm.train import TrainError, configure_optimizer, finetune, lr_at, train, train_config
+
+TINY = ModelConfig(block_size=32, n_layer=1, n_head=2, n_embd=32)
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "while", "birds", "sang", "in"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: tiny matmuls on a shared 2-core machine run several times faster than with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, tinyllm_home: Path, gpt2_tokenizer) -> Path:
+    """A tiny, learnable corpus: eight short documents of simple repetitive sentences (~10 KB)."""
+    rng = random.Random(0)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for d in range(8):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(10)) + "." for _ in range(30)]
+        (folder / f"doc{d}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def tiny(tmp_path: Path, corpus: Path, **overrides) -> TrainConfig:
+    fields = dict(model=TINY, data=(str(corpus),), val_fraction=0.25, batch_size=4, lr=3e-3, warmup_steps=2,
+                  max_minutes=None, max_steps=8, eval_interval=4, eval_iters=2, log_interval=1, sample_tokens=4,
+                  device="cpu", run_dir=str(tmp_path / "run"))  # fmt: skip
+    return train_config(**{**fields, **overrides})
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path).model.state_dict()
+
+
+# --- building blocks ------------------------------------------------------------------------------
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    kw = dict(warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    assert lr_at(0, decay_progress=0.0, **kw) == pytest.approx(1e-4)
+    assert lr_at(9, decay_progress=0.0, **kw) == pytest.approx(1e-3)
+    assert lr_at(10, decay_progress=0.0, **kw) == pytest.approx(1e-3)
+    assert lr_at(50, decay_progress=0.5, **kw) == pytest.approx(5.5e-4)
+    assert lr_at(99, decay_progress=1.0, **kw) == pytest.approx(1e-4)
+    assert lr_at(99, decay_progress=1.7, **kw) == pytest.approx(1e-4)  # clamped past the budget
+
+
+def test_optimizer_decays_2d_weights_only_and_holds_the_tied_head_once():
+    model = GPT(TINY)
+    opt = configure_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+    assert opt.defaults["foreach"] is True
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+def test_loss_falls_and_the_run_writes_metrics_plot_and_checkpoints(tmp_path, corpus):
+    result = train(tiny(tmp_path, corpus, max_steps=24, eval_interval=12), progress=False)
+    run = tmp_path / "run"
+    events = records(run)
+    evals = [r for r in events if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 12, 24]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.5  # from ~ln(50257) = 10.8
+    assert [r["step"] for r in events if r["event"] == "train"] == list(range(1, 25))
+    assert events[-1]["event"] == "end" and events[-1]["stopped_by"] == "max_steps"
+    assert all(isinstance(r["sample"], str) for r in evals)
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert result.steps == 24 and result.tokens == 24 * 4 * 32 and result.stopped_by == "max_steps"
+    assert result.val_loss == pytest.approx(evals[-1]["val_loss"])
+    assert result.best_val_loss == min(r["val_loss"] for r in evals)
+    assert result.val_bpb == pytest.approx(evals[-1]["val_bpb"])
+    ckpt = load_checkpoint(result.last_checkpoint)
+    assert ckpt.config == TINY
+    assert ckpt.meta["step"] == 24 and ckpt.meta["tokens_seen"] == 24 * 128 and ckpt.meta["tokenizer"] == "gpt2"
+    assert ckpt.meta["val_loss"] == pytest.approx(result.val_loss)
+    assert TrainConfig.from_dict(ckpt.meta["train_config"]) == tiny(tmp_path, corpus, max_steps=24, eval_interval=12)
+    assert load_checkpoint(result.best_checkpoint).meta["val_loss"] == pytest.approx(result.best_val_loss)
+    assert load_train_state(result.best_checkpoint) == (None, None)  # best is for inference only
+
+
+def test_resume_continues_exactly_where_the_run_was_interrupted(tmp_path, corpus, monkeypatch):
+    """8 steps straight == 4 steps, the checkpoint at step 4, resume, 4 more: identical weights."""
+    snapshot = tmp_path / "snapshot"
+    real_save = train_mod.save_checkpoint
+
+    def save_and_snapshot(path, **kw):
+        out = real_save(path, **kw)
+        if Path(path).name == "last" and kw["meta"]["step"] == 4:
+            shutil.copytree(path, snapshot)  # what a run killed after step 4 leaves behind
+        return out
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_and_snapshot)
+    straight = train(tiny(tmp_path, corpus), progress=False)
+    assert snapshot.exists()
+
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(snapshot, tmp_path / "resumed" / "last")
+    resumed = train(tiny(tmp_path, corpus, run_dir=str(tmp_path / "resumed"), resume=True), progress=False)
+    assert resumed.steps == straight.steps == 8 and resumed.tokens == straight.tokens
+    a, b = weights(straight.last_checkpoint), weights(resumed.last_checkpoint)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.val_loss == straight.val_loss
+    steps = [r["step"] for r in records(tmp_path / "resumed") if r["event"] == "train"]
+    assert steps == [5, 6, 7, 8]
+
+
+def test_max_tokens_stops_at_the_last_whole_step_within_the_budget(tmp_path, corpus):
+    result = train(tiny(tmp_path, corpus, max_steps=None, max_tokens=5 * 128 + 100, eval_interval=100), progress=False)
+    assert (result.steps, result.tokens, result.stopped_by) == (5, 640, "max_tokens")
+
+
+def test_the_first_budget_reached_rules(tmp_path, corpus):
+    result = train(tiny(tmp_path, corpus, max_steps=3, max_tokens=10_000, eval_interval=100), progress=False)
+    assert (result.steps, result.stopped_by) == (3, "max_steps")
+
+
+def test_max_minutes_stops_within_the_wall_clock_budget(tmp_path, corpus):
+    budget_s = 2.0
+    cfg = tiny(tmp_path, corpus, max_steps=None, max_minutes=budget_s / 60, eval_interval=1000)
+    result = train(cfg, progress=False)
+    assert result.stopped_by == "max_minutes"
+    assert result.seconds <= budget_s + 1.0  # the final evaluation and checkpoint are inside the budget
+    assert load_checkpoint(result.last_checkpoint).meta["step"] == result.steps
+
+
+def test_with_a_time_budget_the_lr_schedule_and_evaluations_follow_the_clock(tmp_path, corpus, monkeypatch):
+    """A fake clock (0.05 s per reading): the run stops by time, its last steps have a decayed LR, and it
+    evaluates (and checkpoints) every `eval_minutes` although no step count says so."""
+
+    class FakeTime:
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls) -> float:
+            cls.now += 0.05
+            return cls.now
+
+    monkeypatch.setattr(train_mod, "time", FakeTime)
+    cfg = tiny(tmp_path, corpus, max_steps=None, max_minutes=0.1, eval_interval=1000, eval_minutes=0.025)
+    result = train(cfg, progress=False)
+    lrs = [r["lr"] for r in records(tmp_path / "run") if r["event"] == "train"]
+    evals = [r for r in records(tmp_path / "run") if r["event"] == "eval"]
+    gaps = [b["elapsed_s"] - a["elapsed_s"] for a, b in itertools.pairwise(evals[:-1])]  # the last one ends the run
+    assert len(evals) >= 4 and min(gaps) >= 1.5
+    assert result.stopped_by == "max_minutes" and len(lrs) > 10
+    assert result.seconds <= 6.0 + 0.2  # the final checkpoint's few clock readings were not foreseen
+    assert lrs[1] == pytest.approx(cfg.lr)  # end of warmup
+    assert lrs[-1] < 0.2 * cfg.lr and lrs == sorted(lrs[:2]) + sorted(lrs[2:], reverse=True)
+
+
+# --- distributed and fine-tuning ----------------------------------------------------------------
+
+
+def test_torchrun_two_processes_train_with_ddp_and_rank0_writes_one_checkpoint(tmp_path, corpus, tinyllm_home):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinyllm",
+           "train", "--data", str(corpus), "--preset", "seed", "--block-size", "16", "--batch-size", "2",
+           "--max-steps", "4", "--eval-interval", "2", "--eval-iters", "2", "--device", "cpu", "--run-dir", str(run),
+           "--no-progress"]  # fmt: skip
+    env = {**os.environ, "TINYLLM_HOME": str(tinyllm_home), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained 4 steps") == 1  # rank 0 alone reports
+    assert sorted(p.name for p in run.iterdir()) == ["best", "last", "loss.png", "metrics.jsonl"]
+    ckpt = load_checkpoint(run / "last")
+    assert ckpt.meta["step"] == 4 and ckpt.meta["tokens_seen"] == 4 * 2 * 16 * 2  # both ranks' tokens
+    _, state = load_train_state(run / "last")
+    assert state["world_size"] == 2 and [r["sampler"]["seed"] for r in state["ranks"]] == [1337, 1338]
+    assert [r["step"] for r in records(run) if r["event"] == "eval"] == [0, 2, 4]  # written once, not per rank
+
+
+def test_finetune_from_a_local_gpt2_directory(tmp_path, corpus):
+    transformers = pytest.importorskip("transformers")
+    hf_dir = tmp_path / "tiny-gpt2"
+    hf_cfg = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(hf_dir)
+
+    result = finetune(init_from=str(hf_dir), data=[corpus], val_fraction=0.25, batch_size=4, block_size=64, lr=3e-3,
+                      max_minutes=None, max_steps=16, eval_interval=8, eval_iters=2, sample_tokens=4, device="cpu",
+                      run_dir=str(tmp_path / "ft"), progress=False)  # fmt: skip
+    evals = [r for r in records(tmp_path / "ft") if r["event"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    ckpt = load_checkpoint(result.last_checkpoint)
+    assert ckpt.config.n_embd == 32 and ckpt.config.block_size == 32  # block_size 64 capped at the model's
+    assert ckpt.meta["run"] == "finetune" and ckpt.meta["init_from"] == str(hf_dir)
+    assert ckpt.meta["train_config"]["warmup_steps"] == 10  # the fine-tuning recipe under the overrides
+    assert result.tokens == 16 * 4 * 32
+
+
+# --- clear errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(preset="huge"), "unknown preset 'huge'"),
+        (dict(max_minutes=None), "set a budget"),
+        (dict(lr=1e-3, min_lr=1e-2), "min_lr must be in"),
+        (dict(dtype="int8"), "unknown dtype"),
+    ],
+)
+def test_bad_options_raise_one_clear_train_error(fields, message):
+    with pytest.raises(TrainError, match=message):
+        train_config(**fields)
+
+
+def test_missing_data_and_too_small_budgets_fail_clearly(tmp_path, corpus):
+    with pytest.raises(CorpusError, match="no such file or folder"):
+        train(tiny(tmp_path, corpus, data=(str(tmp_path / "nope.txt"),)), progress=False)
+    with pytest.raises(TrainError, match="less than one step's 128 tokens"):
+        train(tiny(tmp_path, corpus, max_steps=None, max_tokens=100), progress=False)
+    with pytest.raises(TrainError, match="fine-tuning needs data"):
+        finetune(init_from="gpt2", data=[])
+
+
+def test_resume_needs_a_matching_checkpoint(tmp_path, corpus):
+    with pytest.raises(TrainError, match="cannot resume: no checkpoint at .*last"):
+        train(tiny(tmp_path, corpus, resume=True), progress=False)
+    train(tiny(tmp_path, corpus, max_steps=1), progress=False)
+    wider = ModelConfig(block_size=32, n_layer=1, n_head=2, n_embd=64)
+    with pytest.raises(TrainError, match="cannot resume .*its model is"):
+        train(tiny(tmp_path, corpus, model=wider, resume=True, max_steps=2), progress=False)
+
+
+def test_cli_reports_bad_options_in_one_line_with_exit_code_2(tmp_path, corpus, capsys):
+    assert main(["train", "--batch-size", "0", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "tinyllm train: error: batch_size must be a positive integer, got 0"
+    assert main(["train", "--preset", "huge"]) == 2
+    assert "unknown preset 'huge'" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "missing.txt"), "--max-steps", "1", "--no-progress"]) == 2
+    assert "missing.txt: no such file or folder" in capsys.readouterr().err
+    assert main(["train", "--resume", "--data", str(corpus), "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "cannot resume: no checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", "--data", str(corpus)])  # --from is required
+    assert exc.value.code == 2
+
+
+def test_cli_train_runs_a_budgeted_job(tmp_path, corpus, capsys):
+    run = tmp_path / "cli"
+    argv = ["train", "--preset", "seed", "--data", str(corpus), "--block-size", "16", "--batch-size", "2",
+            "--max-steps", "2", "--eval-iters", "1", "--device", "cpu", "--run-dir", str(run),
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    meta = load_checkpoint(run / "last").meta
+    assert meta["step"] == 2 and meta["train_config"]["max_minutes"] is None  # a given budget replaces 10 min
+    assert math.isfinite(meta["val_bpb"])
+
+
+def test_errors_are_tinyllm_errors():
+    assert issubclass(TrainError, TinyLLMError)
