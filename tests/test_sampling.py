@@ -195,3 +195,11 @@ def test_token_logprobs_reports_the_model_distribution() -> None:
     assert [t for t, _ in top0] == [0, 1] and [t for t, _ in top1] == [3, 2]
     assert top0[0][1] == pytest.approx(math.log(0.5), abs=1e-6)
     assert token_logprobs(logits, [0, 0])[0][1] == []
+
+
+def test_top_p_far_below_any_probability_keeps_the_likeliest_token():
+    from tinyllm.sampling import top_p_filter
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    kept = top_p_filter(logits, 5e-324)
+    assert torch.isfinite(kept).tolist() == [[True, False, False, False]]

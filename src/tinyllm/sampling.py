@@ -181,7 +181,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly likelier tokens
-    drop_sorted = mass_before >= p  # the first token has mass_before 0 and is always kept
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # the likeliest token is always kept, even when rounding says otherwise
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, -math.inf)
 
