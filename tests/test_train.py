@@ -290,3 +290,32 @@ def test_cli_train_runs_a_budgeted_job(tmp_path, corpus, capsys):
 
 def test_errors_are_tinyllm_errors():
     assert issubclass(TrainError, TinyLLMError)
+
+
+def test_train_with_a_trained_tokenizer_stores_it_and_serves_it(tinyllm_home, tmp_path):
+    """A corpus-trained BPE becomes the model's vocabulary and travels inside its checkpoint."""
+    from tinyllm.checkpoint import load_checkpoint, resolve_model, tokenizer_from_meta
+    from tinyllm.data import train_tokenizer
+
+    corpus = tmp_path / "bpe-corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"d{i}.txt").write_text(f"Scene {i}. The king speaks to the queen of the realm.\n" * 60)
+    tok = train_tokenizer([corpus], vocab_size=300)
+    cfg = TrainConfig(
+        model=ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32),
+        data=(str(corpus),),
+        tokenizer=tok.name,
+        batch_size=2,
+        max_steps=3,
+        eval_interval=3,
+        eval_iters=1,
+        run_dir=str(tmp_path / "run"),
+        sample_tokens=4,
+    )
+    train(cfg, progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "last")
+    assert ckpt.config.vocab_size == tok.vocab_size and ckpt.meta["tokenizer"] == tok.name
+    assert (tmp_path / "run" / "last" / "tokenizer.json").exists()
+    _, meta = resolve_model(str(tmp_path / "run"))
+    assert tokenizer_from_meta(meta).encode("The king") == tok.encode("The king")

@@ -86,6 +86,11 @@ class Checkpoint:
         return checkpoint_tokenizer(self.path, self.meta)
 
 
+def tokenizer_from_meta(meta: Mapping[str, Any]) -> Tokenizer:
+    """The tokenizer a `resolve_model` meta describes (a checkpoint's own files first, else by name)."""
+    return get_tokenizer(str(meta.get("tokenizer_dir") or meta.get("tokenizer", "gpt2")))
+
+
 def checkpoint_tokenizer(path: str | Path, meta: Mapping[str, Any] | None = None) -> Tokenizer:
     """The tokenizer of the checkpoint at `path`: its own files if present, else the one its meta names."""
     path = Path(path)
@@ -482,7 +487,10 @@ def resolve_model(spec: str, *, device: torch.device | str = "cpu") -> tuple[GPT
         source = f"openai-community/{spec}"
     elif path.is_dir() and (ckpt := find_checkpoint(path)) is not None:
         loaded = load_checkpoint(ckpt, device=device)
-        return loaded.model, {**loaded.meta, "kind": "checkpoint", "source": str(ckpt)}
+        meta = {**loaded.meta, "kind": "checkpoint", "source": str(ckpt)}
+        if (Path(ckpt) / TOKENIZER_JSON).exists():
+            meta["tokenizer_dir"] = str(ckpt)
+        return loaded.model, meta
     elif path.is_dir() and gpt2.is_hf_gpt2_dir(path):
         source = str(path)
     elif not path.exists() and spec.count("/") == 1 and not spec.startswith((".", "/", "~")):

@@ -159,6 +159,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     fields = _training_fields(args)
     if args.data:
         fields["data"] = tuple(args.data)
+    fields["tokenizer"] = args.tokenizer
     result = train.train(train.train_config(preset=args.preset, **fields), progress=not args.no_progress)
     if result.rank == 0:
         print(result.summary())
@@ -180,6 +181,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("train", help="train a GPT from scratch (budgeted, resumable; DDP under torchrun)")
     p.add_argument("--preset", default="default", help=f"model shape: {', '.join(PRESETS)} (default)")
+    p.add_argument(
+        "--tokenizer", default="gpt2", help="gpt2 (default) or a trained tokenizer (`tinyllm tokenizer train`)"
+    )
     p.add_argument("--data", nargs="+", metavar="PATH", help="files, folders, globs or 'shakespeare' (built-in)")
     _add_training_options(p, defaults=TrainConfig().to_dict())
     p.set_defaults(func=_cmd_train)
@@ -352,10 +356,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    from tinyllm.checkpoint import resolve_model
+    from tinyllm.checkpoint import resolve_model, tokenizer_from_meta
     from tinyllm.engine import generate, prepare_for_inference, stream
     from tinyllm.sampling import SamplingParams
-    from tinyllm.tokenizer import get_tokenizer
 
     params = SamplingParams(
         temperature=args.temperature,
@@ -372,7 +375,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )  # validated before the model loads
     model, meta = resolve_model(args.model, device=args.device)
     prepare_for_inference(model, dtype=args.dtype, quantize=args.quantize)
-    tok = get_tokenizer(str(meta.get("tokenizer", "gpt2")))
+    tok = tokenizer_from_meta(meta)
     prompt = tok.encode(args.prompt) or [tok.eot_token]  # an empty prompt starts from end-of-text, as GPT-2 does
     options = dict(eos_token_id=tok.eot_token, tokenizer=tok, truncate=True)
     start = time.perf_counter()

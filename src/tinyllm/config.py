@@ -108,6 +108,7 @@ class TrainConfig:
         model: an explicit model shape; wins over `preset`.
         init_from: fine-tune from "gpt2", a hub id, a Hugging Face GPT-2 directory or a tinyllm checkpoint.
         data: files, folders, globs or "shakespeare"; empty means the built-in corpus.
+        tokenizer: "gpt2", or a trained tokenizer's name or directory (`tinyllm tokenizer train`) for a new model.
         val_fraction: share of documents held out for validation.
         batch_size: sequences per micro-batch (per process under DDP).
         block_size: context length trained on; None means the model's (capped at the model's when fine-tuning).
@@ -136,6 +137,7 @@ class TrainConfig:
     model: ModelConfig | None = None
     init_from: str | None = None
     data: tuple[str, ...] = ()
+    tokenizer: str = "gpt2"
     val_fraction: float = 0.1
     batch_size: int = 8
     block_size: int | None = None

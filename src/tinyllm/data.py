@@ -160,7 +160,7 @@ def prepare(
     *,
     val_fraction: float = 0.1,
     seed: int = 1337,
-    tokenizer: str = "gpt2",
+    tokenizer: str | Tokenizer = "gpt2",
     cache_dir: str | Path | None = None,
     num_threads: int | None = None,
     min_tokens: int = 0,
@@ -179,7 +179,7 @@ def prepare(
         progress: show a progress bar.
     """
     files = resolve_sources(sources)
-    tok = get_tokenizer(tokenizer)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else get_tokenizer(tokenizer)
     if tok.vocab_size > 65536:
         raise CorpusError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens; uint16 shards hold at most 65536")
     key = _content_key(files, tokenizer=tok.name, val_fraction=val_fraction, seed=seed)

@@ -267,11 +267,12 @@ def evaluate_model(
     """
     if data is None:
         data = training_heldout(model if isinstance(model, str) else None)
-    if isinstance(model, str):
-        from tinyllm.checkpoint import resolve_model
-
-        model, _ = resolve_model(model, device=device)
     tokenizer = get_tokenizer()
+    if isinstance(model, str):
+        from tinyllm.checkpoint import resolve_model, tokenizer_from_meta
+
+        model, meta = resolve_model(model, device=device)
+        tokenizer = tokenizer_from_meta(meta)
     tokens, nbytes, what = held_out_stream(data, split=split, tokenizer=tokenizer)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and int(tokens.max()) >= vocab:

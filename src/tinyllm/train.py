@@ -13,6 +13,7 @@ continues from `last` exactly (model, optimizer, schedule, step, tokens, elapsed
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -35,6 +36,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tinyllm.checkpoint import (
     capture_rng_state,
+    checkpoint_tokenizer,
+    find_checkpoint,
     is_checkpoint,
     load_checkpoint,
     load_train_state,
@@ -42,10 +45,11 @@ from tinyllm.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from tinyllm.config import FINETUNE_DEFAULTS, TrainConfig
+from tinyllm.config import FINETUNE_DEFAULTS, ModelConfig, TrainConfig
 from tinyllm.data import BatchSampler, prepare
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
+from tinyllm.tokenizer import Tokenizer, get_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -226,11 +230,17 @@ def train_step(
 
 
 @torch.no_grad()
-def sample_text(model: GPT, prompt: str, *, max_new_tokens: int, seed: int, temperature: float = 0.8) -> str:
+def sample_text(
+    model: GPT,
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    seed: int,
+    temperature: float = 0.8,
+    tokenizer: Tokenizer | None = None,
+) -> str:
     """A short continuation of `prompt` (naive loop, top-k 50, seeded; the engine does this properly)."""
-    from tinyllm.tokenizer import get_tokenizer
-
-    tok = get_tokenizer()
+    tok = tokenizer or get_tokenizer()
     ids = tok.encode(prompt) or [tok.eot_token]
     device = next(model.parameters()).device
     idx = torch.tensor([ids], device=device)  # (1, T)
@@ -322,7 +332,8 @@ class _Run:
         self.session_tokens = 0
 
         resume_from = self._resume_path()
-        self.data = prepare(cfg.data or None, val_fraction=cfg.val_fraction, progress=self.progress)
+        self.tok = self._tokenizer(resume_from)
+        self.data = prepare(cfg.data or None, val_fraction=cfg.val_fraction, progress=self.progress, tokenizer=self.tok)
         self._build_model(resume_from)
         self.tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum * self.dist.world
         self.sampler = BatchSampler(
@@ -367,6 +378,18 @@ class _Run:
             raise TrainError(f"cannot resume: no checkpoint at {last}; train without --resume first")
         return last
 
+    def _tokenizer(self, resume_from: Path | None) -> Tokenizer:
+        """A resumed or fine-tuned model keeps its tokenizer; a new model uses `TrainConfig.tokenizer`."""
+        source = resume_from
+        if source is None and self.cfg.init_from is not None and Path(self.cfg.init_from).exists():
+            source = find_checkpoint(Path(self.cfg.init_from))
+        if source is not None:
+            return checkpoint_tokenizer(source)
+        return get_tokenizer("gpt2" if self.cfg.init_from is not None else self.cfg.tokenizer)
+
+    def _model_config(self) -> ModelConfig:
+        return dataclasses.replace(self.cfg.model_config(), vocab_size=self.tok.vocab_size)
+
     def _build_model(self, resume_from: Path | None) -> None:
         cfg = self.cfg
         self.init_meta: dict[str, Any] = {}
@@ -378,7 +401,7 @@ class _Run:
             model, self.init_meta = resolve_model(cfg.init_from, device=self.device)
         else:
             torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-            model = GPT(cfg.model_config()).to(self.device)
+            model = GPT(self._model_config()).to(self.device)
         self.raw: GPT = model.float().train()
         model_block = self.raw.config.block_size
         self.block_size = min(cfg.block_size or model_block, model_block)
@@ -388,8 +411,8 @@ class _Run:
     def _check_resumable(self, config: Any, meta: dict[str, Any]) -> None:
         saved = meta.get("train_config") or {}
         problems = []
-        if self.cfg.init_from is None and config != self.cfg.model_config():
-            problems.append(f"its model is {config} but this run asks for {self.cfg.model_config()}")
+        if self.cfg.init_from is None and config != self._model_config():
+            problems.append(f"its model is {config} but this run asks for {self._model_config()}")
         if saved.get("init_from") != self.cfg.init_from:
             problems.append(f"it started from {saved.get('init_from')!r}, this run from {self.cfg.init_from!r}")
         if meta.get("data_hash") != self.data_hash():
@@ -524,7 +547,11 @@ class _Run:
         sample = None
         if self.dist.is_main:
             sample = sample_text(
-                self.raw, self.cfg.sample_prompt, max_new_tokens=self.cfg.sample_tokens, seed=self.cfg.seed
+                self.raw,
+                self.cfg.sample_prompt,
+                max_new_tokens=self.cfg.sample_tokens,
+                seed=self.cfg.seed,
+                tokenizer=self.tok,
             )
         self.raw.train()
         improved = track_best and loss < self.best[0]
@@ -563,7 +590,7 @@ class _Run:
             return
         loss, bpb = self.last_eval or (math.nan, math.nan)
         meta = {
-            "tokenizer": "gpt2",
+            "tokenizer": self.tok.name,
             "run": "finetune" if self.cfg.init_from else "train",
             "step": self.step,
             "tokens_seen": self.tokens,
@@ -591,9 +618,16 @@ class _Run:
             "reserve": self.reserve,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
-        save_checkpoint(self.run_dir / "last", model=self.raw, meta=meta, optimizer=self.optimizer, train_state=state)
+        save_checkpoint(
+            self.run_dir / "last",
+            model=self.raw,
+            meta=meta,
+            optimizer=self.optimizer,
+            train_state=state,
+            tokenizer=self.tok,
+        )
         if best:
-            save_checkpoint(self.run_dir / "best", model=self.raw, meta=meta)
+            save_checkpoint(self.run_dir / "best", model=self.raw, meta=meta, tokenizer=self.tok)
 
     def _eval_and_save(self) -> None:
         started = time.perf_counter()

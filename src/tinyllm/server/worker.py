@@ -256,8 +256,7 @@ def custom_loader(checkpoint: str, *, device: str = "cpu") -> Loader:
     """Loads a trained checkpoint (a checkpoint directory, or a run directory holding best/ or last/)."""
 
     def load() -> LoadedModel:
-        from tinyllm.checkpoint import find_checkpoint, load_checkpoint
-        from tinyllm.tokenizer import get_tokenizer
+        from tinyllm.checkpoint import checkpoint_tokenizer, find_checkpoint, load_checkpoint
 
         path = find_checkpoint(checkpoint)
         if path is None:
@@ -269,7 +268,7 @@ def custom_loader(checkpoint: str, *, device: str = "cpu") -> Loader:
                 code="model_unavailable",
             )
         loaded = load_checkpoint(path, device=device)
-        tokenizer = get_tokenizer(str(loaded.meta.get("tokenizer", "gpt2")))
+        tokenizer = checkpoint_tokenizer(path, loaded.meta)
         return LoadedModel(_prepare(loaded.model), tokenizer, {**loaded.meta, "source": str(path)})
 
     return load
