@@ -295,6 +295,9 @@ class _Dist:
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
+            # every rank reaches the end before the group goes away: a rank that tears gloo down while its
+            # peer still talks to it aborts at exit ("terminate called without an active exception")
+            dist.barrier()
             dist.destroy_process_group()
 
 
