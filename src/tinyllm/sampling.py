@@ -196,6 +196,23 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, -math.inf)
 
 
+def _penalized(
+    logits: torch.Tensor, params: SamplingParams, output_ids: Sequence[int], prompt_ids: Sequence[int]
+) -> torch.Tensor:
+    """The row in fp32 with the request's repetition / presence / frequency penalties applied."""
+    logits = logits.float()
+    if not params.has_penalties:
+        return logits
+    return apply_penalties(
+        logits,
+        output_ids=output_ids,
+        prompt_ids=prompt_ids,
+        repetition_penalty=params.repetition_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+    )
+
+
 def process_logits(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -207,16 +224,7 @@ def process_logits(
 
     For greedy params only the penalties apply (the argmax of the result is the greedy token).
     """
-    logits = logits.float()
-    if params.has_penalties:
-        logits = apply_penalties(
-            logits,
-            output_ids=output_ids,
-            prompt_ids=prompt_ids,
-            repetition_penalty=params.repetition_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-        )
+    logits = _penalized(logits, params, output_ids, prompt_ids)
     if params.greedy:
         return logits
     logits = apply_temperature(logits, params.temperature)
@@ -243,16 +251,7 @@ def _sample_row(
     prompt_ids: Sequence[int],
 ) -> int:
     """One token id from one row (V,), equal in distribution to softmax(process_logits(...))."""
-    logits = logits.float()
-    if params.has_penalties:
-        logits = apply_penalties(
-            logits,
-            output_ids=output_ids,
-            prompt_ids=prompt_ids,
-            repetition_penalty=params.repetition_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-        )
+    logits = _penalized(logits, params, output_ids, prompt_ids)
     if params.greedy:
         return int(logits.argmax())
     logits = apply_temperature(logits, params.temperature)
