@@ -58,10 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_checkpoint(checkpoint, device=device)
     started = time.perf_counter()
     data = training_heldout(args.run_dir)
-    result = evaluate_model(loaded.model, data=data, device=device, max_tokens=args.max_tokens, progress=progress)
+    result = evaluate_model(
+        loaded.model,
+        data=data,
+        device=device,
+        max_tokens=args.max_tokens,
+        progress=progress,
+        tokenizer=loaded.tokenizer(),
+    )
     eval_seconds = time.perf_counter() - started
     params = SamplingParams(max_new_tokens=64)  # the default sampling settings, 64 new tokens
-    (sample,) = generate_samples(loaded.model, [SEED_PROMPT], params=params, seeds=(args.seed,))
+    (sample,) = generate_samples(
+        loaded.model, [SEED_PROMPT], params=params, seeds=(args.seed,), tokenizer=loaded.tokenizer()
+    )
     metrics = generation_metrics([sample.token_ids], texts=[sample.text])
 
     summary = {

@@ -311,3 +311,28 @@ def test_cli_evaluate_missing_model_is_a_user_error(tmp_path, capsys):
     assert main(["evaluate", "--model", str(tmp_path / "nothing"), "--data", "x.txt", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "no model at" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_split_prepared_with_gpt2_is_scored_in_the_models_own_tokens(tinyllm_home, gpt2_tokenizer, tmp_path):
+    """A model with a trained tokenizer, evaluated on GPT-2-prepared data: the same text, its own tokens."""
+    from tinyllm.data import prepare
+    from tinyllm.tokenizer import train_bpe
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = [f"Document {i}: sweet — ‘ünïcode’ prose, line {i}.\n" * (3 + i) for i in range(6)]
+    for i, text in enumerate(texts):
+        (corpus / f"d{i}.txt").write_text(text)
+    data = prepare([corpus], val_fraction=0.34, progress=False)
+    assert data.meta["tokenizer"] == "gpt2"
+    trained = train_bpe(texts, vocab_size=300)
+    tokens, nbytes, _ = held_out_stream(data, tokenizer=trained)
+    assert nbytes == data.num_bytes("val") == text_bytes(tokens, tokenizer=trained)
+    # Document by document, exactly the trained tokenizer's encoding of the held-out text.
+    gpt2_text = gpt2_tokenizer.decode(np.asarray(data.tokens("val")).tolist())
+    docs = gpt2_text.split("<|endoftext|>")[:-1]
+    expected = [trained.eot_token] + [t for doc in docs for t in [*trained.encode(doc), trained.eot_token]]
+    assert tokens.tolist() == expected
+    assert max(tokens) < trained.vocab_size
+    result = evaluate_model(tiny_gpt(vocab_size=trained.vocab_size), data=data, tokenizer=trained)
+    assert result.bytes == nbytes and result.tokens_scored == len(expected) - 1

@@ -22,7 +22,7 @@ from tinyllm.config import ModelConfig, TrainConfig
 from tinyllm.corpus import CorpusError
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
-from tinyllm.train import TrainError, configure_optimizer, finetune, lr_at, train, train_config
+from tinyllm.train import OptimizerGroup, TrainError, configure_optimizer, finetune, lr_at, train, train_config
 
 TINY = ModelConfig(block_size=32, n_layer=1, n_head=2, n_embd=32)
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "while", "birds", "sang", "in"]
@@ -87,6 +87,37 @@ def test_optimizer_decays_2d_weights_only_and_holds_the_tied_head_once():
     assert opt.defaults["foreach"] is True
 
 
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = GPT(TINY)
+    opt = configure_optimizer(
+        model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu", optimizer="muon", muon_lr=0.02
+    )
+    assert isinstance(opt, OptimizerGroup)
+    adamw, muon = opt.optimizers
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = {names[id(p)] for p in muon.param_groups[0]["params"]}
+    assert muon_names == {n for n, p in model.named_parameters() if p.dim() == 2 and ".h." in n}
+    decayed = {names[id(p)] for p in adamw.param_groups[0]["params"]}
+    assert decayed == {"transformer.wte.weight", "transformer.wpe.weight"}  # the tied head is wte
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+    assert [g["kind"] for g in opt.param_groups] == ["decay", "no_decay", "muon"]
+    assert [g["lr_scale"] for g in opt.param_groups] == [1.0, 1.0, pytest.approx(20.0)]
+    # a step moves every parameter, and the state round-trips through state_dict
+    model(torch.randint(0, TINY.vocab_size, (2, 8))).float().square().mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    again = configure_optimizer(
+        model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu", optimizer="muon", muon_lr=0.02
+    )
+    again.load_state_dict(opt.state_dict())
+    assert torch.equal(
+        again.optimizers[1].state_dict()["state"][0]["momentum_buffer"],
+        opt.optimizers[1].state_dict()["state"][0]["momentum_buffer"],
+    )
+
+
 # --- training -------------------------------------------------------------------------------------
 
 
@@ -115,7 +146,8 @@ def test_loss_falls_and_the_run_writes_metrics_plot_and_checkpoints(tmp_path, co
     assert load_train_state(result.best_checkpoint) == (None, None)  # best is for inference only
 
 
-def test_resume_continues_exactly_where_the_run_was_interrupted(tmp_path, corpus, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_resume_continues_exactly_where_the_run_was_interrupted(tmp_path, corpus, monkeypatch, optimizer):
     """8 steps straight == 4 steps, the checkpoint at step 4, resume, 4 more: identical weights."""
     snapshot = tmp_path / "snapshot"
     real_save = train_mod.save_checkpoint
@@ -127,12 +159,13 @@ def test_resume_continues_exactly_where_the_run_was_interrupted(tmp_path, corpus
         return out
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save_and_snapshot)
-    straight = train(tiny(tmp_path, corpus), progress=False)
+    straight = train(tiny(tmp_path, corpus, optimizer=optimizer), progress=False)
     assert snapshot.exists()
 
     (tmp_path / "resumed").mkdir()
     shutil.copytree(snapshot, tmp_path / "resumed" / "last")
-    resumed = train(tiny(tmp_path, corpus, run_dir=str(tmp_path / "resumed"), resume=True), progress=False)
+    resumed_config = tiny(tmp_path, corpus, run_dir=str(tmp_path / "resumed"), resume=True, optimizer=optimizer)
+    resumed = train(resumed_config, progress=False)
     assert resumed.steps == straight.steps == 8 and resumed.tokens == straight.tokens
     a, b = weights(straight.last_checkpoint), weights(resumed.last_checkpoint)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -236,6 +269,8 @@ def test_finetune_from_a_local_gpt2_directory(tmp_path, corpus):
         (dict(max_minutes=None), "set a budget"),
         (dict(lr=1e-3, min_lr=1e-2), "min_lr must be in"),
         (dict(dtype="int8"), "unknown dtype"),
+        (dict(optimizer="sgd"), "unknown optimizer 'sgd'"),
+        (dict(muon_lr=0), "muon_lr must be positive"),
     ],
 )
 def test_bad_options_raise_one_clear_train_error(fields, message):
@@ -259,6 +294,8 @@ def test_resume_needs_a_matching_checkpoint(tmp_path, corpus):
     wider = ModelConfig(block_size=32, n_layer=1, n_head=2, n_embd=64)
     with pytest.raises(TrainError, match="cannot resume .*its model is"):
         train(tiny(tmp_path, corpus, model=wider, resume=True, max_steps=2), progress=False)
+    with pytest.raises(TrainError, match="optimizer state does not fit --optimizer adamw"):
+        train(tiny(tmp_path, corpus, optimizer="adamw", resume=True, max_steps=2), progress=False)
 
 
 def test_cli_reports_bad_options_in_one_line_with_exit_code_2(tmp_path, corpus, capsys):

@@ -114,7 +114,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 # --- train / finetune ---------------------------------------------------------------------------
 
-_TRAIN_OPTIONS = ["batch_size", "block_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay"]
+_TRAIN_OPTIONS = [
+    "batch_size",
+    "block_size",
+    "grad_accum",
+    "optimizer",
+    "lr",
+    "muon_lr",
+    "min_lr",
+    "warmup_steps",
+    "weight_decay",
+]
 _TRAIN_OPTIONS += ["eval_interval", "eval_minutes", "eval_iters", "device", "dtype", "compile", "run_dir", "resume"]
 _TRAIN_OPTIONS += ["seed"]
 _BUDGETS = ("max_steps", "max_tokens", "max_minutes")
@@ -129,7 +139,13 @@ def _add_training_options(p: argparse.ArgumentParser, *, defaults: dict) -> None
     p.add_argument("--batch-size", type=int, metavar="B", help=f"sequences per process ({defaults['batch_size']})")
     p.add_argument("--block-size", type=int, metavar="T", help="context length (default: the model's)")
     p.add_argument("--grad-accum", type=int, metavar="K", help=f"micro-batches per step ({defaults['grad_accum']})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate ({defaults['lr']:g})")
+    p.add_argument(
+        "--optimizer",
+        choices=("muon", "adamw"),
+        help=f"muon: Muon on the blocks' matrices + AdamW ({defaults['optimizer']})",
+    )
+    p.add_argument("--lr", type=float, help=f"peak AdamW learning rate ({defaults['lr']:g})")
+    p.add_argument("--muon-lr", type=float, help=f"peak Muon learning rate ({defaults['muon_lr']:g})")
     p.add_argument("--min-lr", type=float, help="where the cosine decay ends (default: lr / 10)")
     p.add_argument("--warmup-steps", type=int, metavar="N", help=f"linear warmup ({defaults['warmup_steps']})")
     p.add_argument("--weight-decay", type=float, help=f"AdamW decay on 2-D weights ({defaults['weight_decay']:g})")

@@ -94,6 +94,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("muon", "adamw")
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,10 @@ class TrainConfig:
         batch_size: sequences per micro-batch (per process under DDP).
         block_size: context length trained on; None means the model's (capped at the model's when fine-tuning).
         grad_accum: micro-batches per optimizer step.
-        lr: peak learning rate; min_lr: where the cosine ends (None: lr / 10).
+        optimizer: "muon" (Muon on the blocks' weight matrices, AdamW on embeddings, biases and norms) or "adamw".
+        lr: peak AdamW learning rate; min_lr: where the cosine ends (None: lr / 10). The schedule scales
+            every group alike, Muon's included.
+        muon_lr, muon_momentum, muon_weight_decay: Muon's peak learning rate, momentum and decoupled decay.
         warmup_steps: linear warmup length in optimizer steps.
         weight_decay: AdamW decay on 2-D weights (biases, norms and other 1-D parameters are not decayed).
         betas: AdamW betas. grad_clip: max global gradient norm (0 disables clipping).
@@ -142,7 +146,11 @@ class TrainConfig:
     batch_size: int = 8
     block_size: int | None = None
     grad_accum: int = 1
+    optimizer: str = "muon"
     lr: float = 2e-3
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     min_lr: float | None = None
     warmup_steps: int = 30
     weight_decay: float = 0.1
@@ -184,6 +192,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if not self.muon_lr > 0 or not 0 <= self.muon_momentum < 1 or not self.muon_weight_decay >= 0:
+            raise ValueError("muon_lr must be positive, muon_momentum in [0, 1) and muon_weight_decay >= 0")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr!r}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -226,6 +238,7 @@ class TrainConfig:
 
 # Fine-tuning starts from trained weights: a low peak LR, a short warmup, frequent evaluation.
 FINETUNE_DEFAULTS: dict[str, Any] = {
+    "optimizer": "adamw",
     "lr": 6e-5,
     "min_lr": 6e-6,
     "warmup_steps": 10,

@@ -221,8 +221,11 @@ def held_out_stream(
         stream = np.asarray(data.tokens(split))
         if len(stream) == 0:
             raise EvaluationError(f"the {split} split of {data.dir} is empty; prepare with a larger --val-fraction")
+        what = f"{split} split of {', '.join(data.meta.get('sources', []))}"
+        if data.meta.get("tokenizer", tokenizer.name) != tokenizer.name:  # the same text in the model's tokens
+            return _retokenize(stream, get_tokenizer(data.meta["tokenizer"]), tokenizer), data.num_bytes(split), what
         tokens = np.concatenate([np.array([eot], dtype=stream.dtype), stream])
-        return tokens, data.num_bytes(split), f"{split} split of {', '.join(data.meta.get('sources', []))}"
+        return tokens, data.num_bytes(split), what
     ids, nbytes, names = [eot], 0, []
     for source in resolve_sources([str(p) for p in data]):
         names.append(source.doc_id)
@@ -230,6 +233,21 @@ def held_out_stream(
             ids += tokenizer.encode(doc.text) + [eot]
             nbytes += len(doc.text.encode("utf-8"))
     return np.asarray(ids, dtype=np.int64), nbytes, ", ".join(names)
+
+
+def _retokenize(stream: np.ndarray, source: Tokenizer, target: Tokenizer) -> np.ndarray:
+    """A stream of `source` tokens (documents each ending in end-of-text) as `target` tokens, led by end-of-text."""
+    ends = np.flatnonzero(stream == source.eot_token)
+    ids = [np.array([target.eot_token], dtype=np.int64)]
+    start = 0
+    for end in [*ends.tolist(), len(stream)]:
+        if end > start:
+            text = source.encoding.decode_bytes(stream[start:end].tolist()).decode("utf-8", errors="replace")
+            ids.append(np.asarray(target.encode_to_numpy(text), dtype=np.int64))
+        if end < len(stream):
+            ids.append(np.array([target.eot_token], dtype=np.int64))
+        start = end + 1
+    return np.concatenate(ids)
 
 
 def training_heldout(spec: str | Path | None) -> PreparedData:
@@ -259,15 +277,16 @@ def evaluate_model(
     device: torch.device | str = "cpu",
     max_tokens: int | None = None,
     progress: bool = False,
+    tokenizer: Tokenizer | None = None,
 ) -> EvalResult:
     """Bits per byte of a model (a spec for `resolve_model`, or a module) on held-out text.
 
     See `held_out_stream` for `data` (None: `training_heldout(model)`); `max_tokens` scores only a prefix,
-    whose bytes are counted from its tokens.
+    whose bytes are counted from its tokens. `tokenizer` is a module's (default GPT-2's); a spec brings its own.
     """
     if data is None:
         data = training_heldout(model if isinstance(model, str) else None)
-    tokenizer = get_tokenizer()
+    tokenizer = tokenizer or get_tokenizer()
     if isinstance(model, str):
         from tinyllm.checkpoint import resolve_model, tokenizer_from_meta
 

@@ -172,17 +172,77 @@ def autocast(device_type: str, dtype: torch.dtype) -> contextlib.AbstractContext
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
+class OptimizerGroup:
+    """Several optimizers stepped as one (Muon for the blocks' matrices, AdamW for the rest).
+
+    Quacks like a `torch.optim.Optimizer` where the training loop needs it: `param_groups` (all of them, in
+    order), `step`, `zero_grad`, `state_dict` and `load_state_dict`.
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        states = state.get("optimizers")
+        if not isinstance(states, list) or len(states) != len(self.optimizers):
+            raise ValueError("the saved optimizer state is not this optimizer's (was another --optimizer used?)")
+        for opt, saved in zip(self.optimizers, states, strict=True):
+            opt.load_state_dict(saved)
+
+
 def configure_optimizer(
-    model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str
-) -> torch.optim.AdamW:
-    """AdamW with decay on 2-D weights only (not biases or norms); fused on CUDA, foreach elsewhere."""
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied head appears once
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    device_type: str,
+    optimizer: str = "adamw",
+    muon_lr: float = 0.02,
+    muon_momentum: float = 0.95,
+    muon_weight_decay: float = 0.0,
+) -> torch.optim.Optimizer | OptimizerGroup:
+    """AdamW with decay on 2-D weights only (not biases or norms), or Muon + AdamW.
+
+    With `optimizer="muon"`, the transformer blocks' weight matrices go to `torch.optim.Muon` (orthogonalized
+    momentum updates) and the embeddings (the tied head), biases and norms stay with AdamW, as Muon's authors
+    prescribe. Every group carries `kind` ("decay", "no_decay" or "muon") and `lr_scale` (its peak LR over
+    `lr`), so one schedule drives them all. AdamW is fused on CUDA, foreach elsewhere.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the tied head appears once
+    use_muon = optimizer == "muon"
+    is_hidden = {id(p): use_muon and p.dim() == 2 and ".h." in f".{n}" for n, p in named}
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for _, p in named if p.dim() >= 2 and not is_hidden[id(p)]], "weight_decay": weight_decay},
+        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
     ]
+    for group, kind in zip(groups, ("decay", "no_decay"), strict=True):
+        group.update(kind=kind, lr_scale=1.0)
     impl = {"fused": True} if device_type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, **impl)
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, **impl)
+    if not use_muon:
+        return adamw
+    hidden = [p for _, p in named if is_hidden[id(p)]]
+    muon_group = {"params": hidden, "kind": "muon", "lr_scale": muon_lr / lr}
+    muon = torch.optim.Muon(
+        [muon_group], lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay, adjust_lr_fn="original"
+    )
+    return OptimizerGroup([adamw, muon])
 
 
 def lr_at(step: int, *, decay_progress: float, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -348,7 +408,15 @@ class _Run:
         )
         self.windows = self._eval_windows()
         self.optimizer = configure_optimizer(
-            self.raw, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, device_type=self.device.type
+            self.raw,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            betas=cfg.betas,
+            device_type=self.device.type,
+            optimizer=cfg.optimizer,
+            muon_lr=cfg.muon_lr,
+            muon_momentum=cfg.muon_momentum,
+            muon_weight_decay=cfg.muon_weight_decay,
         )
         self.scaler: torch.amp.GradScaler | None = None
         torch.manual_seed(cfg.seed + self.dist.rank)
@@ -461,9 +529,23 @@ class _Run:
         opt_state, state = load_train_state(path)
         if state is None or opt_state is None:
             raise TrainError(f"cannot resume: {path} has no optimizer/training state (only `last` has it)")
-        self.optimizer.load_state_dict(opt_state)
-        for group, decay in zip(self.optimizer.param_groups, (self.cfg.weight_decay, 0.0), strict=True):
-            group.update(weight_decay=decay, betas=self.cfg.betas)  # this run's settings win
+        kinds = [group["kind"] for group in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(opt_state)
+        except (ValueError, KeyError) as exc:
+            raise TrainError(
+                f"cannot resume {path}: its optimizer state does not fit --optimizer {self.cfg.optimizer} ({exc})"
+            ) from None
+        cfg = self.cfg
+        for group, kind in zip(self.optimizer.param_groups, kinds, strict=True):  # this run's settings win
+            group["kind"] = kind
+            if kind == "muon":
+                group.update(
+                    lr_scale=cfg.muon_lr / cfg.lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay
+                )
+            else:
+                group.update(weight_decay=cfg.weight_decay if kind == "decay" else 0.0)
+                group.update(betas=cfg.betas, lr_scale=1.0)
         self.step, self.tokens = int(state["step"]), int(state["tokens_seen"])
         self.elapsed_before = self.last_eval_time = float(state["elapsed"])
         self.warmup_elapsed = state.get("warmup_elapsed")
@@ -625,7 +707,7 @@ class _Run:
             self.run_dir / "last",
             model=self.raw,
             meta=meta,
-            optimizer=self.optimizer,
+            optimizer=self.optimizer.state_dict(),
             train_state=state,
             tokenizer=self.tok,
         )
@@ -708,7 +790,7 @@ class _Run:
         """One optimizer step at `lr`, and a metrics line every `log_interval` steps."""
         cfg = self.cfg
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss, norm = train_step(
             self.model,
             self.optimizer,
