@@ -22,7 +22,16 @@ from tinyllm.config import ModelConfig, TrainConfig
 from tinyllm.corpus import CorpusError
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
-from tinyllm.train import OptimizerGroup, TrainError, configure_optimizer, finetune, lr_at, train, train_config
+from tinyllm.train import (
+    OptimizerGroup,
+    TrainError,
+    configure_optimizer,
+    finetune,
+    finetune_config,
+    lr_at,
+    train,
+    train_config,
+)
 
 TINY = ModelConfig(block_size=32, n_layer=1, n_head=2, n_embd=32)
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "while", "birds", "sang", "in"]
@@ -356,3 +365,45 @@ def test_train_with_a_trained_tokenizer_stores_it_and_serves_it(tinyllm_home, tm
     assert (tmp_path / "run" / "last" / "tokenizer.json").exists()
     _, meta = resolve_model(str(tmp_path / "run"))
     assert tokenizer_from_meta(meta).encode("The king") == tok.encode("The king")
+
+
+def test_a_bpe_spec_trains_the_tokenizer_once_per_corpus(tinyllm_home, tmp_path, monkeypatch):
+    """tokenizer="bpe:N": trained on the run's training split, then found again without training."""
+    from tinyllm import data as data_mod
+
+    corpus = tmp_path / "bpe-corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"d{i}.txt").write_text(f"Scene {i}. The king speaks to the queen of the realm.\n" * 60)
+    cfg = TrainConfig(
+        model=ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32),
+        data=(str(corpus),),
+        tokenizer="bpe:290",
+        batch_size=2,
+        max_steps=2,
+        eval_interval=2,
+        eval_iters=1,
+        run_dir=str(tmp_path / "run"),
+        sample_tokens=4,
+    )
+    train(cfg, progress=False)
+    trained = data_mod.train_tokenizer([corpus], vocab_size=290)  # what the spec means
+    ckpt = load_checkpoint(tmp_path / "run" / "last")
+    assert ckpt.meta["tokenizer"] == trained.name and ckpt.config.vocab_size == 290
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained again")
+
+    monkeypatch.setattr(data_mod, "train_tokenizer", no_training)
+    assert data_mod.tokenizer_for("bpe:290", [corpus]).name == trained.name
+    (corpus / "d0.txt").write_text("Another scene entirely, with other words.\n" * 40)  # new content: a new BPE
+    with pytest.raises(AssertionError, match="trained again"):
+        data_mod.tokenizer_for("bpe:290", [corpus])
+
+
+def test_the_default_recipe_trains_its_own_bpe_and_the_seed_preset_keeps_gpt2():
+    assert TrainConfig().tokenizer_spec == "bpe:8192"
+    assert TrainConfig(preset="seed").tokenizer_spec == "gpt2"
+    assert TrainConfig(model=TINY).tokenizer_spec == "gpt2"
+    assert TrainConfig(tokenizer="gpt2").tokenizer_spec == "gpt2"
+    assert TrainConfig().optimizer == "muon" and finetune_config(init_from="gpt2", data=["x"]).optimizer == "adamw"

@@ -86,7 +86,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="*", help="files, folders, globs or 'shakespeare' (default: the built-in corpus)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the train/validation split")
-    p.add_argument("--tokenizer", default="gpt2", help="gpt2 (default) or a trained tokenizer's name or directory")
+    p.add_argument(
+        "--tokenizer", default="gpt2", help="gpt2 (default), bpe:N (train an N-token BPE), or a trained tokenizer"
+    )
     p.set_defaults(func=_cmd_prepare)
 
 
@@ -198,7 +200,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a GPT from scratch (budgeted, resumable; DDP under torchrun)")
     p.add_argument("--preset", default="default", help=f"model shape: {', '.join(PRESETS)} (default)")
     p.add_argument(
-        "--tokenizer", default="gpt2", help="gpt2 (default) or a trained tokenizer (`tinyllm tokenizer train`)"
+        "--tokenizer",
+        help="gpt2, bpe:N (an N-token BPE trained on the training split, once per corpus), or a trained "
+        "tokenizer (`tinyllm tokenizer train`); default: the preset's (default: bpe:8192, others: gpt2)",
     )
     p.add_argument("--data", nargs="+", metavar="PATH", help="files, folders, globs or 'shakespeare' (built-in)")
     _add_training_options(p, defaults=TrainConfig().to_dict())

@@ -93,6 +93,10 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# The tokenizer of a preset trained from scratch when none is asked for: the default recipe's corpus-trained
+# BPE packs as many bytes per token as GPT-2's on the held-out works with a 6x smaller head (BENCHMARKS.md).
+PRESET_TOKENIZERS: dict[str, str] = {"default": "bpe:8192"}
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("muon", "adamw")
 
@@ -109,7 +113,9 @@ class TrainConfig:
         model: an explicit model shape; wins over `preset`.
         init_from: fine-tune from "gpt2", a hub id, a Hugging Face GPT-2 directory or a tinyllm checkpoint.
         data: files, folders, globs or "shakespeare"; empty means the built-in corpus.
-        tokenizer: "gpt2", or a trained tokenizer's name or directory (`tinyllm tokenizer train`) for a new model.
+        tokenizer: for a new model: "gpt2", "bpe:N" (an N-token BPE trained on the training split, once per
+            corpus), or a trained tokenizer's name or directory (`tinyllm tokenizer train`). None: the preset's
+            (`PRESET_TOKENIZERS`: the default recipe trains its own BPE; every other preset uses GPT-2's).
         val_fraction: share of documents held out for validation.
         batch_size: sequences per micro-batch (per process under DDP).
         block_size: context length trained on; None means the model's (capped at the model's when fine-tuning).
@@ -141,7 +147,7 @@ class TrainConfig:
     model: ModelConfig | None = None
     init_from: str | None = None
     data: tuple[str, ...] = ()
-    tokenizer: str = "gpt2"
+    tokenizer: str | None = None
     val_fraction: float = 0.1
     batch_size: int = 8
     block_size: int | None = None
@@ -206,6 +212,13 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+
+    @property
+    def tokenizer_spec(self) -> str:
+        """The tokenizer a new model gets: `tokenizer`, else the preset's (GPT-2's for an explicit `model`)."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return PRESET_TOKENIZERS.get(self.preset, "gpt2") if self.model is None else "gpt2"
 
     @property
     def final_lr(self) -> float:

@@ -172,14 +172,14 @@ def prepare(
         sources: files, folders, globs or "shakespeare".
         val_fraction: share of documents held out (by whole document; seeded).
         seed: the split's seed.
-        tokenizer: "gpt2", a trained tokenizer's name or directory (see `tokenizer.get_tokenizer`).
+        tokenizer: "gpt2", a trained tokenizer's name or directory, or "bpe:N" (see `tokenizer_for`).
         cache_dir: where prepared corpora live (default: `$TINYLLM_HOME/data`).
         num_threads: tokenizer threads (default: every core).
         min_tokens: fail clearly if the training split has fewer tokens (e.g. one context window + 1).
         progress: show a progress bar.
     """
     files = resolve_sources(sources)
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else get_tokenizer(tokenizer)
+    tok = tokenizer_for(tokenizer, sources, val_fraction=val_fraction, seed=seed)
     if tok.vocab_size > 65536:
         raise CorpusError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens; uint16 shards hold at most 65536")
     key = _content_key(files, tokenizer=tok.name, val_fraction=val_fraction, seed=seed)
@@ -311,6 +311,43 @@ def train_tokenizer(
             os.replace(staging, target)
         except OSError:  # another process saved the same tokenizer first
             shutil.rmtree(staging, ignore_errors=True)
+    return tok
+
+
+TRAINED_SPEC = re.compile(r"bpe:(\d+)")
+
+
+def tokenizer_for(
+    spec: str | Tokenizer,
+    sources: Sequence[str | Path] | None = None,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 1337,
+) -> Tokenizer:
+    """The tokenizer `spec` names; "bpe:N" is an N-token BPE trained on this corpus's training split.
+
+    A "bpe:N" tokenizer is trained once per corpus content, split and size (`train_tokenizer`) and found
+    again through a small index under `$TINYLLM_HOME/tokenizers/recipes`, so later runs skip the training.
+    Anything else goes to `get_tokenizer` ("gpt2", a trained tokenizer's name or directory).
+    """
+    if isinstance(spec, Tokenizer):
+        return spec
+    match = TRAINED_SPEC.fullmatch(spec)
+    if match is None:
+        return get_tokenizer(spec)
+    files = resolve_sources(sources)
+    key = _content_key(files, tokenizer=spec, val_fraction=val_fraction, seed=seed)
+    index = trained_tokenizers_dir() / "recipes" / key
+    if index.is_file():
+        name = index.read_text().strip()
+        if (trained_tokenizers_dir() / name / TOKENIZER_JSON).exists():
+            return get_tokenizer(name)
+    started = time.perf_counter()
+    tok = train_tokenizer(sources, vocab_size=int(match[1]), val_fraction=val_fraction, seed=seed)
+    logger.info("trained tokenizer %s (%s) in %.1fs", tok.name, spec, time.perf_counter() - started)
+    staging = _mkdir(index.parent) / f".{key}.{os.getpid()}"
+    staging.write_text(tok.name + "\n")
+    os.replace(staging, index)
     return tok
 
 

@@ -46,7 +46,7 @@ from tinyllm.checkpoint import (
     save_checkpoint,
 )
 from tinyllm.config import FINETUNE_DEFAULTS, ModelConfig, TrainConfig
-from tinyllm.data import BatchSampler, prepare
+from tinyllm.data import BatchSampler, prepare, tokenizer_for
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
 from tinyllm.tokenizer import Tokenizer, get_tokenizer
@@ -456,7 +456,9 @@ class _Run:
             source = find_checkpoint(Path(self.cfg.init_from))
         if source is not None:
             return checkpoint_tokenizer(source)
-        return get_tokenizer("gpt2" if self.cfg.init_from is not None else self.cfg.tokenizer)
+        if self.cfg.init_from is not None:
+            return get_tokenizer("gpt2")
+        return tokenizer_for(self.cfg.tokenizer_spec, self.cfg.data or None, val_fraction=self.cfg.val_fraction)
 
     def _model_config(self) -> ModelConfig:
         return dataclasses.replace(self.cfg.model_config(), vocab_size=self.tok.vocab_size)
