@@ -153,7 +153,7 @@ class TrainConfig:
     block_size: int | None = None
     grad_accum: int = 1
     optimizer: str = "muon"
-    lr: float = 2e-3
+    lr: float = 6e-3
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0

@@ -9,6 +9,7 @@ interrupted run never leaves a half-written cache.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import hashlib
 import json
@@ -51,7 +52,8 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
 CHUNK_CHARS = 1 << 18  # pieces handed to tiktoken's threads
-BATCH_CHARS = 1 << 23  # text buffered before a batch is encoded and written
+IN_FLIGHT = 24  # pieces queued or being encoded at once (~6M characters)
+WRITE_TOKENS = 1 << 22  # tokens buffered per split before a write
 # A newline followed by a non-space character is always a pre-token boundary of the GPT-2 pattern, so
 # splitting there tokenizes exactly as the whole text would.
 _SAFE_BREAK = re.compile(r"\n(?=\S)")
@@ -121,38 +123,63 @@ def _pieces(text: str) -> Iterator[str]:
 
 
 class _SplitWriter:
-    """Appends token batches to one split's .bin file and counts documents, bytes and tokens."""
+    """Appends token arrays to one split's .bin file and counts documents, bytes and tokens."""
 
     def __init__(self, path: Path) -> None:
         self.file = open(path, "wb")  # noqa: SIM115 (closed by close(), after fsync)
         self.documents = self.bytes = self.tokens = 0
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
 
     def write(self, ids: np.ndarray) -> None:
-        self.file.write(ids.tobytes())
+        self.pending.append(ids)
+        self.pending_tokens += len(ids)
         self.tokens += len(ids)
+        if self.pending_tokens >= WRITE_TOKENS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.file.write(np.concatenate(self.pending).astype(np.uint16).tobytes())
+            self.pending, self.pending_tokens = [], 0
 
     def close(self) -> None:
+        self.flush()
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
 
 
-def _encode_batch(
-    tok: Tokenizer, texts: list[str], writer: _SplitWriter, pool: concurrent.futures.ThreadPoolExecutor
-) -> None:
-    """Encode documents on the pool's threads and append them, each followed by end-of-text."""
-    pieces: list[str] = []
-    last_piece: set[int] = set()
-    for text in texts:
-        pieces.extend(_pieces(text))
-        last_piece.add(len(pieces) - 1)
-    eot = np.array([tok.eot_token], dtype=np.uint32)
-    arrays: list[np.ndarray] = []
-    for i, ids in enumerate(pool.map(tok.encode_to_numpy, pieces)):
-        arrays.append(ids)
-        if i in last_piece:
-            arrays.append(eot)
-    writer.write(np.concatenate(arrays).astype(np.uint16))
+class _Pipeline:
+    """Pieces of text go to the pool's threads as soon as they are read; results are written in order.
+
+    At most `IN_FLIGHT` pieces wait or run at a time, so memory stays bounded while reading the next files
+    overlaps with encoding: every core keeps tokenizing instead of waiting for a batch to fill and drain.
+    """
+
+    def __init__(self, tok: Tokenizer, writers: dict[str, _SplitWriter], pool: concurrent.futures.Executor) -> None:
+        self.tok, self.writers, self.pool = tok, writers, pool
+        self.eot = np.array([tok.eot_token], dtype=np.uint32)
+        self.in_flight: collections.deque[tuple[str, concurrent.futures.Future[np.ndarray], bool]] = collections.deque()
+
+    def add(self, name: str, text: str) -> None:
+        """Queue one document of split `name`; it ends with end-of-text."""
+        pieces = list(_pieces(text))
+        for i, piece in enumerate(pieces):
+            while len(self.in_flight) >= IN_FLIGHT:
+                self._drain_one()
+            future = self.pool.submit(self.tok.encode_to_numpy, piece)
+            self.in_flight.append((name, future, i == len(pieces) - 1))
+
+    def _drain_one(self) -> None:
+        name, future, last = self.in_flight.popleft()
+        self.writers[name].write(future.result())
+        if last:
+            self.writers[name].write(self.eot)
+
+    def finish(self) -> None:
+        while self.in_flight:
+            self._drain_one()
 
 
 def prepare(
@@ -227,26 +254,24 @@ def _build(
     try:
         writers = {name: _SplitWriter(staging / f"{name}.bin") for name in SPLITS}
         total = sum(f.path.stat().st_size for f in files)
-        buffers: dict[str, list[str]] = {name: [] for name in SPLITS}
-        sizes = dict.fromkeys(SPLITS, 0)
         with (
             tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress or None) as bar,
             concurrent.futures.ThreadPoolExecutor(num_threads) as pool,
         ):
-            for f in files:
-                for doc in iter_documents(f):
-                    for name, text in _assign(doc.id, doc.text, split, val_fraction):
-                        writers[name].documents += 1
-                        writers[name].bytes += len(text.encode("utf-8"))
-                        buffers[name].append(text)
-                        sizes[name] += len(text)
-                        if sizes[name] >= BATCH_CHARS:
-                            _encode_batch(tok, buffers[name], writers[name], pool)
-                            buffers[name], sizes[name] = [], 0
-                bar.update(f.path.stat().st_size)
-            for name in SPLITS:
-                if buffers[name]:
-                    _encode_batch(tok, buffers[name], writers[name], pool)
+            pipeline = _Pipeline(tok, writers, pool)
+            try:
+                for f in files:
+                    for doc in iter_documents(f):
+                        for name, text in _assign(doc.id, doc.text, split, val_fraction):
+                            writers[name].documents += 1
+                            writers[name].bytes += len(text.encode("utf-8"))
+                            pipeline.add(name, text)
+                    bar.update(f.path.stat().st_size)
+                pipeline.finish()
+            except BaseException:
+                for _, future, _ in pipeline.in_flight:
+                    future.cancel()
+                raise
         for w in writers.values():
             w.close()
         meta = {
