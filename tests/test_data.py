@@ -76,6 +76,23 @@ def test_chunked_tokenization_equals_whole_text(gpt2_tokenizer, monkeypatch):
     assert [t for p in pieces for t in gpt2_tokenizer.encode(p)] == gpt2_tokenizer.encode(text)
 
 
+def test_the_pipeline_writes_every_piece_in_order(tinyllm_home, gpt2_tokenizer, corpus, monkeypatch):
+    """Tiny pieces, a short in-flight queue and small writes: the shards equal encoding each document whole."""
+    for i in range(3):
+        (corpus / f"long{i}.txt").write_text("".join(f"Line {j} of {i}: words, and\n  more {j}\n" for j in range(300)))
+    monkeypatch.setattr(data_mod, "CHUNK_CHARS", 64)
+    monkeypatch.setattr(data_mod, "IN_FLIGHT", 3)
+    monkeypatch.setattr(data_mod, "WRITE_TOKENS", 50)
+    data = prepare([corpus], val_fraction=0.3, seed=3, progress=False, num_threads=2)
+    for split in ("train", "val"):
+        docs = _docs_of(gpt2_tokenizer, data.tokens(split))
+        expected = [t for doc in docs for t in [*gpt2_tokenizer.encode(doc), gpt2_tokenizer.eot_token]]
+        assert data.tokens(split).tolist() == expected
+        assert data.num_tokens(split) == len(expected) == data.meta["splits"][split]["tokens"]
+    everything = _docs_of(gpt2_tokenizer, data.tokens("train")) + _docs_of(gpt2_tokenizer, data.tokens("val"))
+    assert sorted(everything) == sorted(p.read_text() for p in corpus.iterdir())
+
+
 def test_single_document_is_held_out_by_position(tinyllm_home, gpt2_tokenizer, tmp_path):
     path = tmp_path / "one.txt"
     path.write_text("".join(f"Line {i} of the only document.\n" for i in range(200)))

@@ -165,7 +165,7 @@ class TrainConfig:
     max_steps: int | None = None
     max_tokens: int | None = None
     max_minutes: float | None = 10.0
-    eval_interval: int = 100
+    eval_interval: int = 250
     eval_minutes: float | None = 2.0
     eval_iters: int = 8
     log_interval: int = 10
