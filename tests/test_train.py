@@ -402,8 +402,38 @@ def test_a_bpe_spec_trains_the_tokenizer_once_per_corpus(tinyllm_home, tmp_path,
 
 
 def test_the_default_recipe_trains_its_own_bpe_and_the_seed_preset_keeps_gpt2():
-    assert TrainConfig().tokenizer_spec == "bpe:8192"
+    assert TrainConfig().tokenizer_spec == "bpe:4096"
     assert TrainConfig(preset="seed").tokenizer_spec == "gpt2"
     assert TrainConfig(model=TINY).tokenizer_spec == "gpt2"
     assert TrainConfig(tokenizer="gpt2").tokenizer_spec == "gpt2"
     assert TrainConfig().optimizer == "muon" and finetune_config(init_from="gpt2", data=["x"]).optimizer == "adamw"
+
+
+def test_the_default_recipe_runs_end_to_end_on_the_built_in_corpus(tinyllm_home, gpt2_tokenizer, tmp_path):
+    """What `make run` trains: 3 x 256, its own 4096-token BPE trained on the split, Muon + AdamW, bf16 or fp32."""
+    from tinyllm.checkpoint import resolve_model, tokenizer_from_meta
+    from tinyllm.train import default_config
+
+    if not (tinyllm_home / "assets" / "shakespeare").exists():
+        pytest.skip("the built-in corpus is not fetched; run `tinyllm fetch-assets`")
+    config = default_config(run_dir=tmp_path / "run", max_steps=3, eval_iters=1, sample_tokens=4, device="cpu")
+    result = train(config, progress=False)
+    ckpt = load_checkpoint(result.last_checkpoint)
+    assert (ckpt.config.n_layer, ckpt.config.n_embd, ckpt.config.block_size) == (3, 256, 256)
+    assert ckpt.config.vocab_size == 4096 and ckpt.meta["tokenizer"].startswith("bpe4096-")
+    assert result.steps == 3 and math.isfinite(result.val_bpb)
+    opt_state, _ = load_train_state(result.last_checkpoint)
+    assert len(opt_state["optimizers"]) == 2  # AdamW + Muon
+    _, meta = resolve_model(str(tmp_path / "run"))
+    tok = tokenizer_from_meta(meta)
+    assert tok.vocab_size == 4096 and tok.decode(tok.encode("To be, or not to be")) == "To be, or not to be"
+    # `tinyllm evaluate` on that run: the GPT-2-prepared held-out text in the model's own tokens, samples too
+    from tinyllm.evaluate import measure_model
+    from tinyllm.sampling import SamplingParams
+
+    measured = measure_model(
+        "custom", str(tmp_path / "run"), prompts=["To be"], seeds=(0,), params=SamplingParams(max_new_tokens=4),
+        max_tokens=64,
+    )  # fmt: skip
+    assert measured.eval is not None and measured.eval.tokens_scored == 64 and measured.eval.bytes > 64
+    assert len(measured.samples) == 1 and all(t < 4096 for t in measured.samples[0].token_ids)

@@ -202,7 +202,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokenizer",
         help="gpt2, bpe:N (an N-token BPE trained on the training split, once per corpus), or a trained "
-        "tokenizer (`tinyllm tokenizer train`); default: the preset's (default: bpe:8192, others: gpt2)",
+        "tokenizer (`tinyllm tokenizer train`); default: the preset's (default: bpe:4096, others: gpt2)",
     )
     p.add_argument("--data", nargs="+", metavar="PATH", help="files, folders, globs or 'shakespeare' (built-in)")
     _add_training_options(p, defaults=TrainConfig().to_dict())

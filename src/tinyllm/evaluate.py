@@ -468,6 +468,7 @@ def measure_model(
     device: torch.device | str = "cpu",
     skip_eval: bool = False,
     progress: bool = False,
+    tokenizer: Tokenizer | None = None,
 ) -> ModelResults:
     """Load a model, score the held-out text and sample the prompts.
 
@@ -483,8 +484,9 @@ def measure_model(
         device: where the model runs.
         skip_eval: sample only.
         progress: show a progress bar while scoring.
+        tokenizer: a module's tokenizer (default GPT-2's); a checkpoint spec brings its own.
     """
-    from tinyllm.checkpoint import GPT2_NAMES, resolve_model
+    from tinyllm.checkpoint import GPT2_NAMES, resolve_model, tokenizer_from_meta
     from tinyllm.gpt2 import load_gpt2
 
     source = spec if isinstance(spec, str) else type(spec).__name__
@@ -500,16 +502,18 @@ def measure_model(
     else:
         model, meta = resolve_model(spec, device=device)
         source = str(meta.get("source", source))
+        tokenizer = tokenizer_from_meta(meta)
+    tokenizer = tokenizer or get_tokenizer()
     result = ModelResults(name=name, source=source)
     if data is None and not skip_eval:
         data = training_heldout(spec if isinstance(spec, str) and not gpt2 else None)
     if not skip_eval:
         result.eval = evaluate_model(
             model, data=data, context=context, stride=stride, max_tokens=max_tokens,
-            batch_size=batch_size, device=device, progress=progress,
+            batch_size=batch_size, device=device, progress=progress, tokenizer=tokenizer,
         )  # fmt: skip
     if prompts:
-        result.samples = generate_samples(model, prompts, params=params, seeds=seeds)
+        result.samples = generate_samples(model, prompts, params=params, seeds=seeds, tokenizer=tokenizer)
         result.metrics = generation_metrics(
             [s.token_ids for s in result.samples], texts=[s.text for s in result.samples]
         )
