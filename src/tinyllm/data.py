@@ -53,6 +53,10 @@ SPLITS = ("train", "val")
 FORMAT_VERSION = 1
 CHUNK_CHARS = 1 << 18  # pieces handed to tiktoken's threads
 IN_FLIGHT = 24  # pieces queued or being encoded at once (~6M characters)
+# The first characters are encoded on the calling thread before the pool's threads start: measured, two
+# tiktoken threads that start cold together run slowly and erratically for the whole job (100 MB in 7-10 s
+# instead of 4.5 s in a fresh process; BENCHMARKS.md, "Data preparation").
+WARM_UP_CHARS = 1 << 21
 WRITE_TOKENS = 1 << 22  # tokens buffered per split before a write
 # A newline followed by a non-space character is always a pre-token boundary of the GPT-2 pattern, so
 # splitting there tokenizes exactly as the whole text would.
@@ -161,6 +165,7 @@ class _Pipeline:
         self.tok, self.writers, self.pool = tok, writers, pool
         self.eot = np.array([tok.eot_token], dtype=np.uint32)
         self.in_flight: collections.deque[tuple[str, concurrent.futures.Future[np.ndarray], bool]] = collections.deque()
+        self.warm_up_chars = WARM_UP_CHARS
 
     def add(self, name: str, text: str) -> None:
         """Queue one document of split `name`; it ends with end-of-text."""
@@ -168,7 +173,12 @@ class _Pipeline:
         for i, piece in enumerate(pieces):
             while len(self.in_flight) >= IN_FLIGHT:
                 self._drain_one()
-            future = self.pool.submit(self.tok.encode_to_numpy, piece)
+            if self.warm_up_chars > 0:
+                self.warm_up_chars -= len(piece)
+                future: concurrent.futures.Future[np.ndarray] = concurrent.futures.Future()
+                future.set_result(self.tok.encode_to_numpy(piece))
+            else:
+                future = self.pool.submit(self.tok.encode_to_numpy, piece)
             self.in_flight.append((name, future, i == len(pieces) - 1))
 
     def _drain_one(self) -> None:
