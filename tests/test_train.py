@@ -305,6 +305,12 @@ def test_resume_needs_a_matching_checkpoint(tmp_path, corpus):
         train(tiny(tmp_path, corpus, model=wider, resume=True, max_steps=2), progress=False)
     with pytest.raises(TrainError, match="optimizer state does not fit --optimizer adamw"):
         train(tiny(tmp_path, corpus, optimizer="adamw", resume=True, max_steps=2), progress=False)
+    # a resumed run keeps the saved state but takes this run's settings
+    train(tiny(tmp_path, corpus, resume=True, max_steps=2, weight_decay=0.2, muon_weight_decay=0.3), progress=False)
+    opt_state, _ = load_train_state(tmp_path / "run" / "last")
+    adamw, muon = opt_state["optimizers"]
+    assert [g["weight_decay"] for g in adamw["param_groups"]] == [0.2, 0.0]
+    assert muon["param_groups"][0]["weight_decay"] == 0.3 and muon["state"]
 
 
 def test_cli_reports_bad_options_in_one_line_with_exit_code_2(tmp_path, corpus, capsys):
@@ -338,28 +344,37 @@ def test_errors_are_tinyllm_errors():
     assert issubclass(TrainError, TinyLLMError)
 
 
+def scene_corpus(tmp_path: Path) -> Path:
+    """Four small documents, enough to train a few-hundred-token BPE on."""
+    corpus = tmp_path / "bpe-corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"d{i}.txt").write_text(f"Scene {i}. The king speaks to the queen of the realm.\n" * 60)
+    return corpus
+
+
+def bpe_config(tmp_path: Path, corpus: Path, *, tokenizer: str) -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32),
+        data=(str(corpus),),
+        tokenizer=tokenizer,
+        batch_size=2,
+        max_steps=2,
+        eval_interval=2,
+        eval_iters=1,
+        run_dir=str(tmp_path / "run"),
+        sample_tokens=4,
+    )
+
+
 def test_train_with_a_trained_tokenizer_stores_it_and_serves_it(tinyllm_home, tmp_path):
     """A corpus-trained BPE becomes the model's vocabulary and travels inside its checkpoint."""
     from tinyllm.checkpoint import load_checkpoint, resolve_model, tokenizer_from_meta
     from tinyllm.data import train_tokenizer
 
-    corpus = tmp_path / "bpe-corpus"
-    corpus.mkdir()
-    for i in range(4):
-        (corpus / f"d{i}.txt").write_text(f"Scene {i}. The king speaks to the queen of the realm.\n" * 60)
+    corpus = scene_corpus(tmp_path)
     tok = train_tokenizer([corpus], vocab_size=300)
-    cfg = TrainConfig(
-        model=ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32),
-        data=(str(corpus),),
-        tokenizer=tok.name,
-        batch_size=2,
-        max_steps=3,
-        eval_interval=3,
-        eval_iters=1,
-        run_dir=str(tmp_path / "run"),
-        sample_tokens=4,
-    )
-    train(cfg, progress=False)
+    train(bpe_config(tmp_path, corpus, tokenizer=tok.name), progress=False)
     ckpt = load_checkpoint(tmp_path / "run" / "last")
     assert ckpt.config.vocab_size == tok.vocab_size and ckpt.meta["tokenizer"] == tok.name
     assert (tmp_path / "run" / "last" / "tokenizer.json").exists()
@@ -371,22 +386,8 @@ def test_a_bpe_spec_trains_the_tokenizer_once_per_corpus(tinyllm_home, tmp_path,
     """tokenizer="bpe:N": trained on the run's training split, then found again without training."""
     from tinyllm import data as data_mod
 
-    corpus = tmp_path / "bpe-corpus"
-    corpus.mkdir()
-    for i in range(4):
-        (corpus / f"d{i}.txt").write_text(f"Scene {i}. The king speaks to the queen of the realm.\n" * 60)
-    cfg = TrainConfig(
-        model=ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=32),
-        data=(str(corpus),),
-        tokenizer="bpe:290",
-        batch_size=2,
-        max_steps=2,
-        eval_interval=2,
-        eval_iters=1,
-        run_dir=str(tmp_path / "run"),
-        sample_tokens=4,
-    )
-    train(cfg, progress=False)
+    corpus = scene_corpus(tmp_path)
+    train(bpe_config(tmp_path, corpus, tokenizer="bpe:290"), progress=False)
     trained = data_mod.train_tokenizer([corpus], vocab_size=290)  # what the spec means
     ckpt = load_checkpoint(tmp_path / "run" / "last")
     assert ckpt.meta["tokenizer"] == trained.name and ckpt.config.vocab_size == 290

@@ -531,23 +531,16 @@ class _Run:
         opt_state, state = load_train_state(path)
         if state is None or opt_state is None:
             raise TrainError(f"cannot resume: {path} has no optimizer/training state (only `last` has it)")
-        kinds = [group["kind"] for group in self.optimizer.param_groups]
+        # this run's settings win over the saved ones (decay, betas, Muon's momentum, lr_scale, ...)
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(opt_state)
         except (ValueError, KeyError) as exc:
             raise TrainError(
                 f"cannot resume {path}: its optimizer state does not fit --optimizer {self.cfg.optimizer} ({exc})"
             ) from None
-        cfg = self.cfg
-        for group, kind in zip(self.optimizer.param_groups, kinds, strict=True):  # this run's settings win
-            group["kind"] = kind
-            if kind == "muon":
-                group.update(
-                    lr_scale=cfg.muon_lr / cfg.lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay
-                )
-            else:
-                group.update(weight_decay=cfg.weight_decay if kind == "decay" else 0.0)
-                group.update(betas=cfg.betas, lr_scale=1.0)
+        for group, ours in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(ours)
         self.step, self.tokens = int(state["step"]), int(state["tokens_seen"])
         self.elapsed_before = self.last_eval_time = float(state["elapsed"])
         self.warmup_elapsed = state.get("warmup_elapsed")
