@@ -318,18 +318,22 @@ class _Dist:
     """This process's place in a torchrun job (WORLD_SIZE/RANK/LOCAL_RANK from torchrun), or a job of one."""
 
     def __init__(self, device_request: str) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0")) if self.world > 1 else 0
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.world > 1 else 0
+        # launched by torchrun (any world size, one process included, as nanoGPT does): a process group and DDP
+        self.launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.world = int(os.environ["WORLD_SIZE"]) if self.launched else 1
+        self.rank = int(os.environ["RANK"]) if self.launched else 0
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.launched else 0
         self.owns_group = False
+        self.backend: str | None = None
         device = detect_device(device_request)
-        if self.world > 1:
+        if self.launched:
             if device.type == "cuda":
                 device = torch.device("cuda", self.local_rank)
                 torch.cuda.set_device(device)
             if not dist.is_initialized():
                 dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
                 self.owns_group = True
+            self.backend = str(dist.get_backend())
         self.device = device
         self.is_main = self.rank == 0
 
@@ -427,12 +431,11 @@ class _Run:
         if self.dist.is_main:
             precision = str(self.amp_dtype).removeprefix("torch.")
             size = f"{self.raw.num_params():,}"
-            logger.info(
-                "training %s parameters on %s in %s, %d process(es)", size, self.device, precision, self.dist.world
-            )
+            procs = f"{self.dist.world} process(es)" + (f" (DDP, {self.dist.backend})" if self.dist.backend else "")
+            logger.info("training %s parameters on %s in %s, %s", size, self.device, precision, procs)
         self._budget()
         model: nn.Module = torch.compile(self.raw) if cfg.compile else self.raw
-        if self.dist.world > 1:
+        if self.dist.launched:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = DDP(model, device_ids=ids)
         self.model = model
