@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default="runs/bench_quality", help="where the run goes (runs/bench_quality)")
     parser.add_argument("--seed", type=int, default=1337, help="sampling seed of the continuation (1337)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    parser.add_argument("--processes", help="training processes: N or auto (default: the recipe's, auto)")
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="FIELD=VALUE", help="TrainConfig overrides (JSON values)"
+    )
     parser.add_argument("--max-tokens", type=int, help="score only the first N held-out tokens (quick checks)")
     parser.add_argument("--report", metavar="DIR", help="also write the Markdown report with plots there")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -46,10 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     from tinyllm.checkpoint import find_checkpoint, load_checkpoint
     from tinyllm.evaluate import ModelResults, evaluate_model, generate_samples, generation_metrics, training_heldout
     from tinyllm.sampling import SamplingParams
-    from tinyllm.train import default_config, detect_device, train
+    from tinyllm.train import default_config, detect_device, resolve_processes, train
 
     device = detect_device(args.device)
-    config = default_config(minutes=args.minutes, run_dir=args.run_dir, device=str(device))
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    if args.processes:
+        overrides["processes"] = args.processes if args.processes == "auto" else int(args.processes)
+    if isinstance(overrides.get("model"), dict):  # e.g. model={"dropout": 0.1}: the default preset, changed
+        from dataclasses import replace
+
+        from tinyllm.config import PRESETS
+
+        base = default_config()
+        model = replace(PRESETS[base.preset], **overrides.pop("model"))
+        overrides = {"model": model, "tokenizer": base.tokenizer_spec, "processes": base.processes_spec, **overrides}
+    config = default_config(minutes=args.minutes, run_dir=args.run_dir, device=str(device), **overrides)
     progress = not (args.json or args.no_progress)
     trained = train(config, progress=progress)
     checkpoint = find_checkpoint(args.run_dir)
@@ -76,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "minutes": args.minutes,
         "device": str(device),
+        "processes": resolve_processes(config),
+        "overrides": {k: str(v) for k, v in overrides.items()},
         "checkpoint": str(checkpoint),
         "parameters": loaded.model.num_params(),
         "steps": trained.steps,
@@ -102,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
         return 0
     e = result
-    print(f"\ndefault recipe, {args.minutes:g} min on {device}: {trained.steps:,} steps, {trained.tokens:,} tokens "
+    print(f"\ndefault recipe {overrides or ''}, {args.minutes:g} min, {device} x {summary['processes']}: "
+          f"{trained.steps:,} steps, {trained.tokens:,} tokens "
           f"({trained.tokens_per_second:,.0f} tokens/s), {summary['parameters'] / 1e6:.1f}M parameters")  # fmt: skip
     print(f"held-out works ({len(summary['held_out_works'])}): {', '.join(summary['held_out_works'])}")
     print(f"held-out bits per byte: {e.bits_per_byte:.4f}  ({e.loss_nats_per_token:.4f} nats/token, perplexity "

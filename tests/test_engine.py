@@ -31,6 +31,7 @@ from tinyllm.quantize import (
     huge_page_copy,
     huge_page_zeros,
     onednn_available,
+    pack_for_batches,
     prepare_for_inference,
 )
 from tinyllm.sampling import SamplingError, SamplingParams
@@ -145,6 +146,22 @@ def test_prepared_fp32_model_keeps_the_oracle(tiny: GPT) -> None:
         torch.testing.assert_close(fast(idx), tiny(idx), rtol=1e-5, atol=1e-5)
     expected = generate_naive(tiny, PROMPTS, GREEDY, eos_token_id=None)
     assert [r.token_ids for r in generate(fast, PROMPTS, GREEDY, eos_token_id=None)] == expected
+
+
+@pytest.mark.skipif(not onednn_available(), reason="needs oneDNN (CPU builds with mkldnn)")
+def test_packed_weights_give_the_plain_weights_results_for_several_rows(seed_model: GPT) -> None:
+    fast = prepare_for_inference(copy.deepcopy(seed_model))
+    x = torch.randn(3, 5, seed_model.config.n_embd)  # 15 rows
+    plain = {name: m(x) for name, m in fast.named_modules() if isinstance(m, OneDNNLinear) and m.in_features == 128}
+    assert pack_for_batches(fast, 8) == 2 * 4 + 1  # 2 layers x (c_attn, c_proj, c_fc, c_proj) + lm_head
+    assert fast.lm_head.packed is not None and fast.lm_head.weight is fast.transformer.wte.weight
+    for name, y in plain.items():
+        assert torch.equal(fast.get_submodule(name)(x), y), name  # same numbers, faster GEMM
+    # the engine packs for its batch: a sequence decoded among others still equals it decoded alone
+    together = generate(fast, PROMPTS, GREEDY, eos_token_id=None)
+    alone = [generate(fast, [p], GREEDY, eos_token_id=None)[0] for p in PROMPTS]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.token_ids for r in together] == generate_naive(seed_model, PROMPTS, GREEDY, eos_token_id=None)
 
 
 @pytest.mark.parametrize(("dtype", "quantize"), [("bfloat16", None), ("float32", "int8"), ("float32", "int8-dynamic")])

@@ -29,6 +29,7 @@ from tinyllm.train import (
     finetune,
     finetune_config,
     lr_at,
+    resolve_processes,
     train,
     train_config,
 )
@@ -248,6 +249,36 @@ def test_torchrun_two_processes_train_with_ddp_and_rank0_writes_one_checkpoint(t
     assert [r["step"] for r in records(run) if r["event"] == "eval"] == [0, 2, 4]  # written once, not per rank
 
 
+def test_the_default_recipe_runs_one_process_per_core_on_a_cpu(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(train_mod, "usable_cores", lambda: 2)
+    assert resolve_processes(TrainConfig(device="cpu")) == 2
+    monkeypatch.setattr(train_mod, "usable_cores", lambda: 16)
+    assert resolve_processes(TrainConfig(device="cpu")) == 4  # MAX_AUTO_PROCESSES
+    monkeypatch.setattr(train_mod, "usable_cores", lambda: 1)
+    assert resolve_processes(TrainConfig(device="cpu")) == 1
+    assert TrainConfig().processes_spec == "auto" and TrainConfig(processes=3).processes_spec == 3
+    assert TrainConfig(preset="seed").processes_spec == 1 and TrainConfig(model=TINY).processes_spec == 1
+    assert finetune_config(init_from="gpt2", data=["x"]).processes_spec == 1
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve_processes(TrainConfig(processes=2)) == 1  # under torchrun: its processes, none of ours
+
+
+def test_train_spawns_ddp_processes_and_returns_rank0s_result(tmp_path, corpus):
+    result = train(tiny(tmp_path, corpus, processes=2, max_steps=4, eval_interval=2), progress=False)
+    run = tmp_path / "run"
+    assert result.rank == 0 and result.steps == 4 and result.tokens == 4 * 4 * 32 * 2  # both processes' tokens
+    ckpt = load_checkpoint(run / "last")
+    assert ckpt.meta["step"] == 4 and ckpt.meta["val_loss"] == pytest.approx(result.val_loss)
+    _, state = load_train_state(run / "last")
+    assert state["world_size"] == 2 and [r["sampler"]["seed"] for r in state["ranks"]] == [1337, 1338]
+    assert [r["step"] for r in records(run) if r["event"] == "eval"] == [0, 2, 4]
+    # a process's error comes back as one clear TrainError, and the other process is stopped
+    with pytest.raises(TrainError, match="no such file or folder"):
+        train(tiny(tmp_path, corpus, processes=2, data=(str(tmp_path / "nope.txt"),)), progress=False)
+
+
 def test_finetune_from_a_local_gpt2_directory(tmp_path, corpus):
     transformers = pytest.importorskip("transformers")
     hf_dir = tmp_path / "tiny-gpt2"
@@ -280,6 +311,8 @@ def test_finetune_from_a_local_gpt2_directory(tmp_path, corpus):
         (dict(dtype="int8"), "unknown dtype"),
         (dict(optimizer="sgd"), "unknown optimizer 'sgd'"),
         (dict(muon_lr=0), "muon_lr must be positive"),
+        (dict(processes=0), "processes must be a positive integer or 'auto'"),
+        (dict(processes="all"), "processes must be a positive integer or 'auto'"),
     ],
 )
 def test_bad_options_raise_one_clear_train_error(fields, message):

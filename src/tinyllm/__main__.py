@@ -4,4 +4,5 @@ import sys
 
 from tinyllm.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # spawned training processes import this module again as "__mp_main__"
+    sys.exit(main())

@@ -128,8 +128,20 @@ _TRAIN_OPTIONS = [
     "weight_decay",
 ]
 _TRAIN_OPTIONS += ["eval_interval", "eval_minutes", "eval_iters", "device", "dtype", "compile", "run_dir", "resume"]
-_TRAIN_OPTIONS += ["seed"]
+_TRAIN_OPTIONS += ["seed", "processes"]
 _BUDGETS = ("max_steps", "max_tokens", "max_minutes")
+
+
+def _processes(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+    return n
 
 
 def _add_training_options(p: argparse.ArgumentParser, *, defaults: dict) -> None:
@@ -138,6 +150,13 @@ def _add_training_options(p: argparse.ArgumentParser, *, defaults: dict) -> None
     budget.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
     budget.add_argument("--max-tokens", type=int, metavar="N", help="training tokens (all processes together)")
     budget.add_argument("--max-minutes", type=float, metavar="M", help="wall-clock minutes; the LR decays to fit")
+    p.add_argument(
+        "--processes",
+        type=_processes,
+        metavar="N|auto",
+        help="DDP processes on this machine; auto: one per CPU core (up to 4) on a CPU, else 1 "
+        "(default: auto for the default recipe, else 1; under torchrun ignored)",
+    )
     p.add_argument("--batch-size", type=int, metavar="B", help=f"sequences per process ({defaults['batch_size']})")
     p.add_argument("--block-size", type=int, metavar="T", help="context length (default: the model's)")
     p.add_argument("--grad-accum", type=int, metavar="K", help=f"micro-batches per step ({defaults['grad_accum']})")

@@ -98,6 +98,13 @@ PRESETS: dict[str, ModelConfig] = {
 # smaller head, and reached the lowest bits per byte in 10 CPU minutes (BENCHMARKS.md, "Quality").
 PRESET_TOKENIZERS: dict[str, str] = {"default": "bpe:4096"}
 
+# The processes a preset trained from scratch runs as when none is asked for. "auto": on a CPU of several
+# cores, one DDP process per core (up to `MAX_AUTO_PROCESSES`), because a small model's matmuls scale worse over
+# threads than over processes: 2 processes of 1 thread trained the default recipe at 7,633 tokens/s where one of
+# 2 threads made 6,300-6,900 on a 2-vCPU VM (BENCHMARKS.md, "Quality"). Elsewhere, one process.
+PRESET_PROCESSES: dict[str, int | str] = {"default": "auto"}
+MAX_AUTO_PROCESSES = 4
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("muon", "adamw")
 
@@ -118,6 +125,10 @@ class TrainConfig:
             corpus), or a trained tokenizer's name or directory (`tinyllm tokenizer train`). None: the preset's
             (`PRESET_TOKENIZERS`: the default recipe trains its own BPE; every other preset uses GPT-2's).
         val_fraction: share of documents held out for validation.
+        processes: DDP processes started on this machine (gloo on CPU, NCCL on CUDA), or "auto": on a CPU of
+            several cores one per core (up to 4), else one. None: the preset's (`PRESET_PROCESSES`: "auto" for
+            the default recipe, 1 for every other preset, an explicit `model` and fine-tuning). Ignored under
+            torchrun, which starts the processes itself.
         batch_size: sequences per micro-batch (per process under DDP).
         block_size: context length trained on; None means the model's (capped at the model's when fine-tuning).
         grad_accum: micro-batches per optimizer step.
@@ -150,6 +161,7 @@ class TrainConfig:
     data: tuple[str, ...] = ()
     tokenizer: str | None = None
     val_fraction: float = 0.1
+    processes: int | str | None = None
     batch_size: int = 8
     block_size: int | None = None
     grad_accum: int = 1
@@ -211,6 +223,12 @@ class TrainConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if (
+            self.processes is not None
+            and self.processes != "auto"
+            and (not isinstance(self.processes, int) or isinstance(self.processes, bool) or self.processes < 1)
+        ):
+            raise ValueError(f"processes must be a positive integer or 'auto', got {self.processes!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
 
@@ -220,6 +238,13 @@ class TrainConfig:
         if self.tokenizer is not None:
             return self.tokenizer
         return PRESET_TOKENIZERS.get(self.preset, "gpt2") if self.model is None else "gpt2"
+
+    @property
+    def processes_spec(self) -> int | str:
+        """How many processes train: `processes`, else the preset's (1 for an explicit `model` or fine-tuning)."""
+        if self.processes is not None:
+            return self.processes
+        return PRESET_PROCESSES.get(self.preset, 1) if self.model is None and self.init_from is None else 1
 
     @property
     def final_lr(self) -> float:

@@ -32,7 +32,7 @@ from torch import nn
 
 from tinyllm.errors import TinyLLMError
 from tinyllm.kv_cache import KVCache
-from tinyllm.quantize import huge_page_zeros, prepare_for_inference
+from tinyllm.quantize import huge_page_zeros, pack_for_batches, prepare_for_inference
 from tinyllm.sampling import SamplingError, SamplingParams, make_generator, sample, token_logprobs
 
 if TYPE_CHECKING:
@@ -380,6 +380,8 @@ class Engine:
             dtype=weight.dtype,
         )
         self.cache.k, self.cache.v = huge_page_zeros(self.cache.k), huge_page_zeros(self.cache.v)  # faster reads
+        if max_batch_size > 1:
+            pack_for_batches(model, max_batch_size)  # oneDNN linears: a blocked weight copy for batched GEMMs
         self._slots: list[_Sequence | None] = [None] * max_batch_size
         self._waiting: deque[_Sequence] = deque()
         self._lock = threading.RLock()  # re-entrant: an `on_event` callback may submit or cancel

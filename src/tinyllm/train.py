@@ -1,11 +1,11 @@
 """The training loop: AdamW, warmup + cosine, clipping, accumulation, autocast, evaluation, checkpoints, DDP.
 
-One entry point, `train(config)`, trains from scratch or fine-tunes (`config.init_from`), in one process or
-under `torchrun --nproc_per_node=N` (DDP: gloo on CPU, NCCL on CUDA; rank 0 alone writes files). It stops
-at the first budget reached (steps, tokens or wall-clock minutes) and the learning-rate schedule follows
-that budget, so a 10-minute run ends with a decayed LR. Every `eval_interval` steps or `eval_minutes`, and
-at the end, it
-measures validation loss and bits per byte on fixed windows, prints a short sample, redraws the loss
+One entry point, `train(config)`, trains from scratch or fine-tunes (`config.init_from`), in one process, as
+`config.processes` DDP processes it starts itself, or under `torchrun --nproc_per_node=N` (DDP: gloo on CPU,
+NCCL on CUDA; rank 0 alone writes files). It stops at the first budget reached (steps, tokens or wall-clock
+minutes) and the learning-rate schedule follows that budget, so a 10-minute run ends with a decayed LR.
+Every `eval_interval` steps or `eval_minutes`, whichever comes first since the last evaluation, and at the
+end, it measures validation loss and bits per byte on fixed windows, prints a short sample, redraws the loss
 curve and writes `run_dir/last` (and `run_dir/best` when validation improves) atomically; `resume=True`
 continues from `last` exactly (model, optimizer, schedule, step, tokens, elapsed time, RNG, data order).
 """
@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from tinyllm.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from tinyllm.config import FINETUNE_DEFAULTS, ModelConfig, TrainConfig
+from tinyllm.config import FINETUNE_DEFAULTS, MAX_AUTO_PROCESSES, ModelConfig, TrainConfig
 from tinyllm.data import BatchSampler, prepare, tokenizer_for
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
@@ -345,6 +346,10 @@ class _Dist:
         dist.broadcast(t, src=0)
         return t.tolist()
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             dist.all_reduce(t)
@@ -399,8 +404,12 @@ class _Run:
         self.session_tokens = 0
 
         resume_from = self._resume_path()
+        if not self.dist.is_main:
+            self.dist.barrier()  # rank 0 trains the tokenizer and writes the shards; the others then read them
         self.tok = self._tokenizer(resume_from)
         self.data = prepare(cfg.data or None, val_fraction=cfg.val_fraction, progress=self.progress, tokenizer=self.tok)
+        if self.dist.is_main:
+            self.dist.barrier()
         self._build_model(resume_from)
         self.tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum * self.dist.world
         self.sampler = BatchSampler(
@@ -549,7 +558,7 @@ class _Run:
         self.warmup_elapsed = state.get("warmup_elapsed")
         self.step_time, self.reserve = float(state.get("step_time", 0.0)), float(state.get("reserve", 0.0))
         self.best = (float(state["best_val_loss"]), float(state["best_val_bpb"]))
-        self.last_save_step = self.step
+        self.last_save_step = self.last_eval_step = self.step  # saved right after an evaluation
         ranks = state["ranks"]
         if len(ranks) != self.dist.world and self.dist.is_main:
             logger.warning(
@@ -764,7 +773,7 @@ class _Run:
                 took = time.perf_counter() - started  # one whole iteration, what the time budget must fit
                 self.train_seconds += took
                 self.step_time = took if self.step_time == 0 else 0.9 * self.step_time + 0.1 * took
-                if self.step % self.cfg.eval_interval == 0 or self.eval_due:
+                if self.step - self.last_eval_step >= self.cfg.eval_interval or self.eval_due:
                     self._eval_and_save()
                     self._window = (*self._window[:2], time.perf_counter())
                 if bar is not None:
@@ -862,15 +871,102 @@ class _Run:
 # --- entry points ----------------------------------------------------------------------------------
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def resolve_processes(config: TrainConfig) -> int:
+    """How many processes `train` starts: `config.processes_spec`, with "auto" resolved for this machine.
+
+    "auto" is one process per core on a CPU of several cores (at most `MAX_AUTO_PROCESSES`), else one. Under
+    torchrun (RANK and WORLD_SIZE set) it is 1: torchrun started the processes.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return 1
+    spec = config.processes_spec
+    if spec != "auto":
+        return int(spec)
+    if detect_device(config.device).type != "cpu":
+        return 1
+    return max(1, min(usable_cores(), MAX_AUTO_PROCESSES))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _spawned(
+    rank: int,
+    config: TrainConfig,
+    world: int,
+    port: int,
+    threads: int,
+    progress: bool,
+    log_level: int,
+    results: Any,
+) -> None:
+    """One process of a job `train` spawned: torchrun's environment by hand, then the same `train`."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(threads)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(
+        level=log_level if rank == 0 else max(log_level, logging.WARNING), format=fmt, datefmt="%H:%M:%S"
+    )
+    try:
+        result = train(config, progress=progress and rank == 0)
+    except TinyLLMError as exc:
+        results.put(("error", rank, str(exc)))
+        raise
+    if rank == 0:
+        results.put(("result", rank, result))
+
+
+def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
+    """Run `train` as `world` DDP processes on this machine (what torchrun --standalone does) and return rank 0's
+    result; a process's TinyLLMError comes back as a TrainError with its message, and stops the others."""
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    threads = max(1, usable_cores() // world)
+    logger.info("training as %d processes of %d thread(s) each (DDP); --processes 1 for one", world, threads)
+    results = mp.get_context("spawn").SimpleQueue()
+    level = logging.getLogger().getEffectiveLevel()
+    args = (config, world, _free_port(), threads, progress, level, results)
+    try:
+        mp.start_processes(_spawned, args=args, nprocs=world, join=True, start_method="spawn")
+    except ProcessException as exc:
+        errors = []
+        while not results.empty():
+            kind, _, value = results.get()
+            if kind == "error":
+                errors.append(value)
+        detail = errors[0] if errors else str(exc).strip().splitlines()[-1]
+        raise TrainError(detail) from None
+    while not results.empty():
+        kind, _, value = results.get()
+        if kind == "result":
+            return value
+    raise TrainError("the training processes ended without a result")
+
+
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Train (or fine-tune, with `config.init_from`) until the first budget; return what happened.
 
-    Under `torchrun` every process calls this; each returns a result, rank 0 alone writes files.
+    With `config.processes` (or its preset's "auto") above 1 this starts that many DDP processes on this
+    machine and returns rank 0's result. Under `torchrun` every process calls this; each returns a result,
+    rank 0 alone writes files.
 
     Raises:
         TrainError: unusable options or run directory (e.g. resume without a checkpoint, or a mismatched one).
         TinyLLMError: unreadable data (`CorpusError`) or weights (`CheckpointError`, `GPT2UnavailableError`).
     """
+    world = resolve_processes(config)
+    if world > 1:
+        return _spawn(config, world, progress=progress)
     job = _Dist(config.device)
     try:
         run = _Run(config, job, progress=progress)
