@@ -24,6 +24,7 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
 from tinyllm.train import (
     OptimizerGroup,
+    ShardedMuon,
     TrainError,
     configure_optimizer,
     finetune,
@@ -247,6 +248,52 @@ def test_torchrun_two_processes_train_with_ddp_and_rank0_writes_one_checkpoint(t
     _, state = load_train_state(run / "last")
     assert state["world_size"] == 2 and [r["sampler"]["seed"] for r in state["ranks"]] == [1337, 1338]
     assert [r["step"] for r in records(run) if r["event"] == "eval"] == [0, 2, 4]  # written once, not per rank
+
+
+def _muon_params_and_grads() -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Six matrices of different shapes, each with three steps' gradients (the same in every process)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(96, 32), (32, 32), (128, 32), (32, 128), (64, 48), (48, 64)]
+    return [(torch.randn(s, generator=gen), [torch.randn(s, generator=gen) for _ in range(3)]) for s in shapes]
+
+
+def _run_muon(params_and_grads, make) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    params = [torch.nn.Parameter(p.clone()) for p, _ in params_and_grads]
+    opt = make(params)
+    for step in range(3):
+        for param, (_, grads) in zip(params, params_and_grads, strict=True):
+            param.grad = grads[step].clone()
+        opt.step()
+    return [p.detach() for p in params], [opt.state[p]["momentum_buffer"] for p in params]
+
+
+def _sharded_muon_rank(rank: int, port: int, results) -> None:  # noqa: ANN001
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        settings = dict(lr=0.02, momentum=0.95, weight_decay=0.05, adjust_lr_fn="original")
+        pg = _muon_params_and_grads()
+        sharded = _run_muon(pg, lambda ps: ShardedMuon(ps, world=2, rank=rank, **settings))
+        if rank == 0:
+            reference = _run_muon(pg, lambda ps: torch.optim.Muon(ps, **settings))
+            pairs = [ab for x, y in zip(sharded, reference, strict=True) for ab in zip(x, y, strict=True)]
+            results.put(all(torch.equal(a, b) for a, b in pairs))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_muon_in_two_processes_equals_muon_in_one():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_sharded_muon_rank, args=(port, results), nprocs=2, start_method="spawn")
+    assert results.get() is True  # same parameters and momentum buffers, bit for bit
 
 
 def test_the_default_recipe_runs_one_process_per_core_on_a_cpu(monkeypatch):
