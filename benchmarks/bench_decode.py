@@ -200,14 +200,18 @@ def quality_text() -> str:
 
 
 @torch.inference_mode()
-def quality(models: dict[str, GPT], reference: str, text: str, window: int) -> dict[str, dict]:
-    """Loss, bits per byte, KL to the reference and top-1 agreement of each model on `text`."""
+def quality(
+    models: dict[str, GPT], reference: str, text: str, window: int, tokenizer: object | None = None
+) -> dict[str, dict]:
+    """Loss, bits per byte, KL to the reference and top-1 agreement of each model on `text` (GPT-2's tokens unless
+    `tokenizer`, e.g. a trained checkpoint's own)."""
     from tinyllm.tokenizer import get_tokenizer
 
-    ids = get_tokenizer().encode(text)
+    tok = tokenizer if tokenizer is not None else get_tokenizer()
+    ids = tok.encode(text)  # type: ignore[attr-defined]
     n_windows = max(1, min(4, (len(ids) - 1) // window))
     ids = ids[: n_windows * window + 1]
-    n_bytes = len(get_tokenizer().decode(ids[1:]).encode())
+    n_bytes = len(tok.decode(ids[1:]).encode())  # type: ignore[attr-defined]
     x = torch.tensor(ids[:-1]).view(n_windows, window)
     y = torch.tensor(ids[1:]).view(n_windows, window)
     ref_logp = torch.log_softmax(models[reference](x).float(), -1)
@@ -354,14 +358,14 @@ def main() -> None:
             )
 
     if args.quality_model and EXACT_MODE in models:
-        from tinyllm.checkpoint import resolve_model
+        from tinyllm.checkpoint import resolve_model, tokenizer_from_meta
 
         trained, meta = resolve_model(args.quality_model)
         variants = {m: prepared(trained, m) for m in modes}  # type: ignore[arg-type]
         window = min(512, trained.config.block_size)
         report["quality_trained"] = {
             "model": args.quality_model,
-            **quality(variants, EXACT_MODE, quality_text(), window),
+            **quality(variants, EXACT_MODE, quality_text(), window, tokenizer_from_meta(meta)),
         }
         for name, q in report["quality_trained"].items():
             if isinstance(q, dict):

@@ -5,14 +5,16 @@
 
 Prints the held-out bits per byte on the held-out works of the built-in corpus's split (sliding window,
 context = block_size, stride = half of it, so every byte is scored with at least half a window before it),
-then the seed prompt's 64-token continuation under the default sampling settings and its share of
-repeated 4-grams. `--json` prints the same as one JSON object; `--report DIR` also writes the Markdown
-report with the loss curves.
+then the seed prompt's 64-token continuation under the served sampling defaults (`/generate/custom`:
+T 0.8, top-k 50, top-p 0.95, repetition penalty 1.2) and its share of repeated 4-grams, and over 16 seeds
+how many continuations have none, with those defaults and without the penalty. `--json` prints the same
+as one JSON object; `--report DIR` also writes the Markdown report with the loss curves.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from tinyllm.checkpoint import find_checkpoint, load_checkpoint
     from tinyllm.evaluate import ModelResults, evaluate_model, generate_samples, generation_metrics, training_heldout
     from tinyllm.sampling import SamplingParams
+    from tinyllm.server.settings import SamplingDefaults
     from tinyllm.train import default_config, detect_device, resolve_processes, train
 
     device = detect_device(args.device)
@@ -82,11 +85,19 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer=loaded.tokenizer(),
     )
     eval_seconds = time.perf_counter() - started
-    params = SamplingParams(max_new_tokens=64)  # the default sampling settings, 64 new tokens
+    # the sampling defaults of the served /generate/custom (64 new tokens, T 0.8, top-k 50, top-p 0.95, CTRL
+    # repetition penalty 1.2), and for comparison the library's (the same without the penalty)
+    served = SamplingDefaults()
+    params = SamplingParams(**{f.name: getattr(served, f.name) for f in dataclasses.fields(served)})
     (sample,) = generate_samples(
         loaded.model, [SEED_PROMPT], params=params, seeds=(args.seed,), tokenizer=loaded.tokenizer()
     )
     metrics = generation_metrics([sample.token_ids], texts=[sample.text])
+    seeds = tuple(range(args.seed - 7, args.seed + 9))  # 16 seeds around the shown one
+    zero_repeats = {}
+    for name, p in {"served": params, "library": SamplingParams(max_new_tokens=64)}.items():
+        samples = generate_samples(loaded.model, [SEED_PROMPT], params=p, seeds=seeds, tokenizer=loaded.tokenizer())
+        zero_repeats[name] = sum(generation_metrics([x.token_ids]).repeated_4gram_share == 0 for x in samples)
 
     summary = {
         "minutes": args.minutes,
@@ -102,13 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_works": held_out_works(val_fraction=config.val_fraction),
         "eval": result.to_dict(),
         "eval_seconds": round(eval_seconds, 1),
-        "sampling": {k: getattr(params, k) for k in ("temperature", "top_k", "top_p", "max_new_tokens")},
+        "sampling": {
+            k: getattr(params, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+        },
         "seed": args.seed,
         "prompt": SEED_PROMPT,
         "continuation": sample.text,
         "continuation_tokens": len(sample.token_ids),
         "repeated_4gram_share": metrics.repeated_4gram_share,
         "repeated_4gram_share_words": metrics.repeated_4gram_share_words,
+        "seeds_without_repeated_4grams": {k: f"{v}/{len(seeds)}" for k, v in zero_repeats.items()},
     }
     if args.report:
         from tinyllm.report import write_report
@@ -130,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {SEED_PROMPT}{sample.text}".replace("\n", "\n  "))
     print(f"repeated 4-gram share: {metrics.repeated_4gram_share:.3f} of tokens "
           f"({metrics.repeated_4gram_share_words:.3f} of words)")  # fmt: skip
+    n = len(seeds)
+    print(f"seeds {seeds[0]}-{seeds[-1]} without a repeated token 4-gram: served defaults {zero_repeats['served']}/{n}"
+          f", without the repetition penalty {zero_repeats['library']}/{n}")  # fmt: skip
     if args.report:
         print(f"report: {summary['report']}")
     return 0
