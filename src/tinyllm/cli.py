@@ -251,7 +251,14 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens of the held-out text")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward pass (8)")
     p.add_argument("--seed", type=int, nargs="+", default=[1337], help="sampling seeds, one sample each (1337)")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens per sample (64)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=64,
+        metavar="N",
+        help="tokens per sample (64), drawn with the server's sampling defaults (T 0.8, top-k 50, top-p 0.95, "
+        "repetition penalty 1.2)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (auto)")
     report = "also write DIR/report.md with plots (with the run's loss curves when the model is a run directory)"
     p.add_argument("--report", metavar="DIR", help=report)
@@ -259,13 +266,18 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_kwargs(args: argparse.Namespace) -> dict:
+    import dataclasses
+
     from tinyllm.sampling import SamplingParams
+    from tinyllm.server.settings import SamplingDefaults
     from tinyllm.train import detect_device
 
+    # samples as the server answers /generate/custom and /generate/gpt2: its sampling defaults
+    served = {f.name: getattr(SamplingDefaults(), f.name) for f in dataclasses.fields(SamplingDefaults)}
     return dict(
         data=args.data, context=args.context, stride=args.stride, max_tokens=args.max_tokens,
         batch_size=args.batch_size, device=detect_device(args.device), seeds=tuple(args.seed),
-        params=SamplingParams(max_new_tokens=args.max_new_tokens), progress=not args.json,
+        params=SamplingParams(**{**served, "max_new_tokens": args.max_new_tokens}), progress=not args.json,
     )  # fmt: skip
 
 
