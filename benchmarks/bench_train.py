@@ -24,7 +24,8 @@ import torch
 
 from tinyllm.config import PRESETS
 from tinyllm.model import GPT
-from tinyllm.train import configure_optimizer, train_step
+from tinyllm.optim import configure_optimizer
+from tinyllm.train import train_step
 
 # The recipe shape per preset: (batch, block). "default" is the 10-minute CPU recipe.
 SHAPES = {"seed": (16, 128), "default": (8, 256)}

@@ -22,18 +22,8 @@ from tinyllm.config import ModelConfig, TrainConfig
 from tinyllm.corpus import CorpusError
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
-from tinyllm.train import (
-    OptimizerGroup,
-    ShardedMuon,
-    TrainError,
-    configure_optimizer,
-    finetune,
-    finetune_config,
-    lr_at,
-    resolve_processes,
-    train,
-    train_config,
-)
+from tinyllm.optim import OptimizerGroup, ShardedMuon, configure_optimizer, lr_at
+from tinyllm.train import TrainError, finetune, finetune_config, resolve_processes, train, train_config
 
 TINY = ModelConfig(block_size=32, n_layer=1, n_head=2, n_embd=32)
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "while", "birds", "sang", "in"]
