@@ -223,6 +223,24 @@ def test_sequence_in_a_batch_equals_it_alone(seed_model: GPT) -> None:
     assert [r.token_ids for r in together] == naive
 
 
+def test_prompts_prefilled_together_equal_them_alone(seed_model: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15], [1, 2, 3, 4, 5, 6], [20, 21, 22, 23], list(range(30, 50))]
+    params = [GREEDY, SamplingParams(temperature=0.9, seed=4, max_new_tokens=12)] * 2 + [GREEDY]
+    groups: list[list[int]] = []
+    prefill = Engine._prefill
+
+    def spy(self: Engine, seqs: list) -> list:
+        groups.append([len(s.prompt) for s in seqs])
+        return prefill(self, seqs)
+
+    monkeypatch.setattr(Engine, "_prefill", spy)
+    together = generate(seed_model, prompts, params, eos_token_id=None)
+    assert groups == [[5, 6, 6, 4], [20]]  # adjacent slots, similar lengths: one padded prefill; the long one apart
+    alone = [generate(seed_model, [p], sp, eos_token_id=None)[0] for p, sp in zip(prompts, params, strict=True)]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.token_ids for r in together] == generate_naive(seed_model, prompts, params, eos_token_id=None)
+
+
 def test_engine_with_requests_joining_midway_equals_alone(tiny: GPT) -> None:
     prompts = PROMPTS + [[20, 21, 22, 23, 24], [30]]
     params = [

@@ -512,8 +512,8 @@ class Engine:
                     seq.slot = slot
                     self._slots[slot] = seq
                     admitted.append(seq)
-        for seq in admitted:
-            events += self._prefill(seq)
+        for group in _prefill_groups(admitted):
+            events += self._prefill(group)
         with self._lock:
             # every occupied slot decodes, the just-prefilled too (a free row in range writes only to itself)
             decoding = [s for s in self._slots if s is not None]
@@ -522,18 +522,26 @@ class Engine:
         self.steps += 1
         return events
 
-    def _prefill(self, seq: _Sequence) -> list[Event]:
-        """Run the prompt through the model into the sequence's slot and draw its first token."""
-        seq.generator = make_generator(seq.params.seed, device=self.device)
-        if self._codec is not None:
-            seq.text = _TextStream(self._codec, seq.params.stop)
-        slot = seq.slot
-        assert slot is not None
-        idx = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)  # (1, T)
-        pos = torch.arange(len(seq.prompt), device=self.device)  # (T,)
-        h = self.model.hidden_states(idx, input_pos=pos, kv_cache=self.cache.view(slice(slot, slot + 1)))
-        logits = self.model.lm_head(h[:, -1])  # (1, V): the head on the last position only
-        return self._advance([seq], logits)
+    def _prefill(self, seqs: list[_Sequence]) -> list[Event]:
+        """Run the prompts of sequences in adjacent slots through the model together (right-padded to the longest:
+        causal attention keeps the padding out of every real position, and a row's padding in the cache lies past
+        its length, masked until its own tokens overwrite it), then draw each one's first token."""
+        for seq in seqs:
+            seq.generator = make_generator(seq.params.seed, device=self.device)
+            if self._codec is not None:
+                seq.text = _TextStream(self._codec, seq.params.stop)
+        first = seqs[0].slot
+        assert first is not None
+        lengths = [len(seq.prompt) for seq in seqs]
+        width = max(lengths)
+        rows = [seq.prompt + [0] * (width - len(seq.prompt)) for seq in seqs]
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)  # (B, T)
+        pos = torch.arange(width, device=self.device)  # (T,)
+        cache = self.cache.view(slice(first, first + len(seqs)))
+        h = self.model.hidden_states(idx, input_pos=pos, kv_cache=cache)  # (B, T, C)
+        last = torch.tensor(lengths, device=self.device) - 1  # (B,)
+        logits = self.model.lm_head(h[torch.arange(len(seqs), device=self.device), last])  # (B, V): last positions
+        return self._advance(seqs, logits)
 
     def _decode(self, seqs: list[_Sequence]) -> list[Event]:
         """One batched decode step over the slots 0..max(slot): each row fed its last token at its position."""
@@ -661,6 +669,24 @@ class Engine:
 
 
 # --- one-call helpers -----------------------------------------------------------------------------------------------
+
+
+# A batched prefill pads every prompt to the longest; past this many padded tokens per real one, prefill apart.
+PREFILL_PAD_RATIO = 0.5
+
+
+def _prefill_groups(seqs: list[_Sequence]) -> list[list[_Sequence]]:
+    """Admitted sequences in runs of adjacent slots whose prompts are of similar lengths, each prefilled at once."""
+    groups: list[list[_Sequence]] = []
+    for seq in sorted(seqs, key=lambda s: s.slot):  # type: ignore[arg-type, return-value]
+        group = groups[-1] if groups else None
+        if group is not None and group[-1].slot + 1 == seq.slot:  # type: ignore[operator]
+            lengths = [len(s.prompt) for s in group] + [len(seq.prompt)]
+            if max(lengths) * len(lengths) <= (1 + PREFILL_PAD_RATIO) * sum(lengths):
+                group.append(seq)
+                continue
+        groups.append([seq])
+    return groups
 
 
 def _as_params(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
