@@ -14,7 +14,6 @@ as one JSON object; `--report DIR` also writes the Markdown report with the loss
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -87,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_seconds = time.perf_counter() - started
     # the sampling defaults of the served /generate/custom (64 new tokens, T 0.8, top-k 50, top-p 0.95, CTRL
     # repetition penalty 1.2), and for comparison the library's (the same without the penalty)
-    served = SamplingDefaults()
-    params = SamplingParams(**{f.name: getattr(served, f.name) for f in dataclasses.fields(served)})
+    params = SamplingDefaults().params()
     (sample,) = generate_samples(
         loaded.model, [SEED_PROMPT], params=params, seeds=(args.seed,), tokenizer=loaded.tokenizer()
     )

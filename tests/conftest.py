@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,18 @@ def gpt2_tokenizer():
     from tinyllm.tokenizer import get_tokenizer
 
     return get_tokenizer()
+
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "while", "birds", "sang", "in"]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, tinyllm_home: Path, gpt2_tokenizer) -> Path:
+    """A tiny, learnable corpus: eight short documents of simple repetitive sentences (~10 KB)."""
+    rng = random.Random(0)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for d in range(8):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(10)) + "." for _ in range(30)]
+        (folder / f"doc{d}.txt").write_text("\n".join(lines) + "\n")
+    return folder

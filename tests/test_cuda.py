@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,6 @@ from tinyllm.train import detect_device, resolve_dtype, train, train_config
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 TINY = ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=64)
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "while", "birds", "sang", "in"]
 PROMPTS = [[1, 2, 3], [7], [4, 5, 6, 7, 8, 9, 10], [11, 12]]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 
@@ -36,17 +34,6 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = before
-
-
-@pytest.fixture
-def corpus(tmp_path: Path, tinyllm_home: Path, gpt2_tokenizer) -> Path:
-    rng = random.Random(0)
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for d in range(8):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(10)) + "." for _ in range(30)]
-        (folder / f"doc{d}.txt").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def tiny_run(tmp_path: Path, corpus: Path, name: str, **overrides):

@@ -34,8 +34,12 @@ def test_seed_contract_is_exactly_generated_text(client: TestClient, tok: Tokeni
     body = r.json()
     assert list(body) == ["generated_text"]
     assert body["generated_text"].startswith("The future of AI is")
-    new_tokens = len(tok.encode(body["generated_text"])) - len(tok.encode("The future of AI is"))
-    assert 1 <= new_tokens <= 64 + 2  # the default is 64 new tokens (re-tokenizing may merge across the seam)
+    # the default is 64 new tokens. Counted by re-tokenizing the text: a token that is part of a UTF-8 character
+    # comes back as one U+FFFD, which re-encodes to several tokens, so each U+FFFD counts once (the random
+    # test model samples such tokens), and merges across the seam allow 2 more.
+    text = body["generated_text"].removeprefix("The future of AI is")
+    new_tokens = len(tok.encode(text.replace("\ufffd", ""))) + text.count("\ufffd")
+    assert 1 <= new_tokens <= 64 + 2
 
 
 def test_seed_is_reproducible_with_a_seed_and_greedy_is_deterministic(client: TestClient) -> None:

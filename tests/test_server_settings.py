@@ -12,6 +12,9 @@ def test_defaults_are_private_and_sensible() -> None:
     assert (s.host, s.port, s.api_key) == ("127.0.0.1", 5000, None)
     assert s.checkpoint == "runs/default" and s.gpt2 == DEFAULT_GPT2_SOURCE
     assert s.sampling.max_new_tokens == 64 and s.sampling.repetition_penalty > 1.0
+    params = s.sampling.params(max_new_tokens=5)  # what `tinyllm compare` and bench_quality sample with
+    assert (params.temperature, params.top_k, params.top_p) == (0.8, 50, 0.95)
+    assert params.repetition_penalty == 1.2 and params.max_new_tokens == 5 and params.seed is None
 
 
 def test_from_env_reads_the_five_variables() -> None:

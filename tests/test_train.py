@@ -6,7 +6,6 @@ import itertools
 import json
 import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,6 @@ from tinyllm.optim import OptimizerGroup, ShardedMuon, configure_optimizer, lr_a
 from tinyllm.train import TrainError, finetune, finetune_config, resolve_processes, train, train_config
 
 TINY = ModelConfig(block_size=32, n_layer=1, n_head=2, n_embd=32)
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "park", "while", "birds", "sang", "in"]
 
 
 @pytest.fixture(autouse=True)
@@ -36,18 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def corpus(tmp_path: Path, tinyllm_home: Path, gpt2_tokenizer) -> Path:
-    """A tiny, learnable corpus: eight short documents of simple repetitive sentences (~10 KB)."""
-    rng = random.Random(0)
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for d in range(8):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(10)) + "." for _ in range(30)]
-        (folder / f"doc{d}.txt").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def tiny(tmp_path: Path, corpus: Path, **overrides) -> TrainConfig:

@@ -266,18 +266,14 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_kwargs(args: argparse.Namespace) -> dict:
-    import dataclasses
-
-    from tinyllm.sampling import SamplingParams
     from tinyllm.server.settings import SamplingDefaults
     from tinyllm.train import detect_device
 
     # samples as the server answers /generate/custom and /generate/gpt2: its sampling defaults
-    served = {f.name: getattr(SamplingDefaults(), f.name) for f in dataclasses.fields(SamplingDefaults)}
     return dict(
         data=args.data, context=args.context, stride=args.stride, max_tokens=args.max_tokens,
         batch_size=args.batch_size, device=detect_device(args.device), seeds=tuple(args.seed),
-        params=SamplingParams(**{**served, "max_new_tokens": args.max_new_tokens}), progress=not args.json,
+        params=SamplingDefaults().params(max_new_tokens=args.max_new_tokens), progress=not args.json,
     )  # fmt: skip
 
 

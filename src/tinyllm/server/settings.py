@@ -10,9 +10,12 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tinyllm.errors import TinyLLMError
+
+if TYPE_CHECKING:
+    from tinyllm.sampling import SamplingParams
 
 DEFAULT_GPT2_SOURCE = "openai-community/gpt2"
 DEFAULT_RUN_DIR = "runs/default"
@@ -40,6 +43,12 @@ class SamplingDefaults:
     top_p: float = 0.95
     min_p: float = 0.0
     repetition_penalty: float = 1.2
+
+    def params(self, **overrides: Any) -> SamplingParams:
+        """These defaults as `SamplingParams` (what `tinyllm compare` and the benchmarks sample with)."""
+        from tinyllm.sampling import SamplingParams
+
+        return SamplingParams(**{**dataclasses.asdict(self), **overrides})
 
 
 @dataclass(frozen=True)
