@@ -197,8 +197,19 @@ def test_huge_page_copies_keep_values_and_ties() -> None:
     assert huge_page_copy(small) is small
     zeros = huge_page_zeros(torch.empty(2, 1 << 20))
     assert zeros.shape == (2, 1 << 20) and not zeros.any()
-    model = prepare_for_inference(GPT(ModelConfig(vocab_size=8192, block_size=8, n_layer=1, n_head=1, n_embd=128)))
+    torch.manual_seed(0)
+    original = GPT(ModelConfig(vocab_size=8192, block_size=8, n_layer=1, n_head=1, n_embd=128)).eval()
+    model = prepare_for_inference(copy.deepcopy(original))
     assert model.lm_head.weight is model.transformer.wte.weight  # the 4 MB tied weight moved once
+    # every parameter now lives in one arena (one mapping, so THP can back nearly all of it), 64-byte aligned
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(storages) == 1
+    assert all(p.data_ptr() % 64 == 0 for p in model.parameters())
+    for (name, p), q in zip(model.named_parameters(), original.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    idx = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx), original(idx), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_inference_options_are_rejected(tiny: GPT) -> None:

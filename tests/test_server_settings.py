@@ -30,6 +30,37 @@ def test_from_env_reads_the_five_variables() -> None:
     assert (s.host, s.port, s.api_key, s.checkpoint, s.gpt2) == ("0.0.0.0", 8080, "secret", "runs/x", None)
 
 
+def test_compile_is_on_from_the_environment_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ServerSettings().compile is False  # a settings object built in code (tests, embedding) stays eager
+    assert ServerSettings.from_env({}).compile is True  # `python app.py` / `make run` compile the decode step
+    for off in ("0", "off", "false", "no", ""):
+        assert ServerSettings.from_env({"TINYLLM_COMPILE": off}).compile is False
+    assert ServerSettings.from_env({"TINYLLM_COMPILE": "on"}, compile=False).compile is False
+
+    from tinyllm.server import worker
+
+    calls = []
+    monkeypatch.setattr(worker.Engine, "compile_decode", lambda self, background=False: calls.append(background))
+    loaded = worker.LoadedModel(model=_tiny_model(), tokenizer=_ByteTokenizer())
+    worker.default_engine(loaded, ServerSettings(compile=True))
+    worker.default_engine(loaded, ServerSettings())
+    assert calls == [True]  # once, in the background
+
+
+class _ByteTokenizer:
+    eot_token = 0
+
+    def incremental_decoder(self):  # noqa: ANN202
+        raise NotImplementedError
+
+
+def _tiny_model():  # noqa: ANN202
+    from tinyllm.config import ModelConfig
+    from tinyllm.model import GPT
+
+    return GPT(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)).eval()
+
+
 def test_overrides_win_over_the_environment() -> None:
     s = ServerSettings.from_env({"TINYLLM_PORT": "8080", "TINYLLM_GPT2": "/models/gpt2"}, port=9000, slots=2)
     assert (s.port, s.gpt2, s.slots) == (9000, "/models/gpt2", 2)

@@ -424,7 +424,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prepare_for_inference(model, dtype=args.dtype, quantize=args.quantize)
     tok = tokenizer_from_meta(meta)
     prompt = tok.encode(args.prompt) or [tok.eot_token]  # an empty prompt starts from end-of-text, as GPT-2 does
-    options = dict(eos_token_id=tok.eot_token, tokenizer=tok, truncate=True)
+    options = dict(eos_token_id=tok.eot_token, tokenizer=tok, truncate=True, compile=args.compile)
     start = time.perf_counter()
     if args.stream:
         sys.stdout.write(args.prompt)
@@ -471,6 +471,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights (float32: exact)")
     p.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None, help="int8 weights (lossy)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step first (CPU, needs a C++ compiler; pays off "
+        "for long generations: compiling takes seconds to a minute the first time, then ~1.4x faster decoding)",
+    )
     p.set_defaults(func=_cmd_generate)
 
 

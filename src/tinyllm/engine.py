@@ -30,12 +30,14 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import torch
 from torch import nn
 
+from tinyllm import compiled_decode
 from tinyllm.errors import TinyLLMError
 from tinyllm.kv_cache import KVCache
 from tinyllm.quantize import huge_page_zeros, pack_for_batches, prepare_for_inference
 from tinyllm.sampling import SamplingError, SamplingParams, make_generator, sample, token_logprobs
 
 if TYPE_CHECKING:
+    from tinyllm.compiled_decode import CompiledDecoder
     from tinyllm.model import GPT
 
 __all__ = [
@@ -346,6 +348,8 @@ class Engine:
         eos_token_id: the end-of-text id (None: no EOS).
         tokenizer: something with `incremental_decoder()` (tinyllm's Tokenizer) for text and stop strings.
         decode: alternatively a plain `decode(ids) -> str`.
+        compile: compile the batch-1 decode step now (`compile_decode`; seconds to a minute, CPU only): steps
+            that decode a single sequence then run it, the others stay eager.
     """
 
     def __init__(
@@ -358,6 +362,7 @@ class Engine:
         eos_token_id: int | None = None,
         tokenizer: TextCodec | None = None,
         decode: Callable[[list[int]], str] | None = None,
+        compile: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
@@ -379,7 +384,8 @@ class Engine:
             device=self.device,
             dtype=weight.dtype,
         )
-        self.cache.k, self.cache.v = huge_page_zeros(self.cache.k), huge_page_zeros(self.cache.v)  # faster reads
+        self.cache.k = [huge_page_zeros(t) for t in self.cache.k]  # 2 MB pages: faster reads
+        self.cache.v = [huge_page_zeros(t) for t in self.cache.v]
         if max_batch_size > 1:
             pack_for_batches(model, max_batch_size)  # oneDNN linears: a blocked weight copy for batched GEMMs
         self._slots: list[_Sequence | None] = [None] * max_batch_size
@@ -389,6 +395,39 @@ class Engine:
         self._ids = itertools.count()
         self.steps = 0
         self.tokens_generated = 0
+        self._compiled: CompiledDecoder | None = None  # set once compiled and warmed up
+        self._slot_caches: dict[int, KVCache] = {}  # one-slot views of the cache, for the compiled step
+        if compile:
+            self.compile_decode()
+
+    def compile_decode(self, *, background: bool = False) -> str | None:
+        """Compile the batch-1 decode step (see `tinyllm.compiled_decode`); until it is ready, and if it fails,
+        decoding stays eager. Returns why it cannot be compiled here, or None. `background`: compile on a daemon
+        thread (a server keeps serving meanwhile)."""
+        reason = compiled_decode.unavailable(self.device)
+        if reason is not None:
+            logger.warning("decoding eagerly: %s", reason)
+            return reason
+        decoder = compiled_decode.CompiledDecoder(self.model)
+
+        def build() -> None:
+            try:
+                decoder.warm_up(self.cache)
+            except Exception as exc:  # a compiler or inductor failure must not take the engine down
+                logger.warning("decoding eagerly: compiling the decode step failed: %s", exc)
+                return
+            self._compiled = decoder
+
+        if background:
+            threading.Thread(target=build, name="tinyllm-compile-decode", daemon=True).start()
+        else:
+            build()
+        return None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether single-sequence decode steps run the compiled step."""
+        return self._compiled is not None
 
     # -- metrics -------------------------------------------------------------------------------------------------
 
@@ -545,6 +584,16 @@ class Engine:
 
     def _decode(self, seqs: list[_Sequence]) -> list[Event]:
         """One batched decode step over the slots 0..max(slot): each row fed its last token at its position."""
+        if len(seqs) == 1 and self._compiled is not None:
+            (seq,) = seqs
+            slot, length = seq.slot, seq.length
+            assert slot is not None
+            idx = torch.tensor([[seq.output[-1]]], dtype=torch.long, device=self.device)  # (1, 1)
+            pos = torch.tensor([[length - 1]], dtype=torch.long, device=self.device)  # (1, 1)
+            cache = self._slot_caches.get(slot)
+            if cache is None:
+                cache = self._slot_caches[slot] = self.cache.view(slice(slot, slot + 1))
+            return self._advance(seqs, self._compiled(idx, pos, cache, length))
         n = max(s.slot for s in seqs) + 1  # type: ignore[type-var]
         tokens = [0] * n  # free slots in range decode a dummy token at position 0 (overwritten on reuse)
         positions = [0] * n
@@ -709,10 +758,12 @@ def generate(
     max_batch_size: int | None = None,
     max_seq_len: int | None = None,
     truncate: bool = False,
+    compile: bool = False,
 ) -> list[GenerationResult]:
     """Generate for a batch of prompts of any lengths, each with its own params; results in prompt order.
 
-    Runs an `Engine` with one slot per prompt (or `max_batch_size` slots, the rest queued) until all finish.
+    Runs an `Engine` with one slot per prompt (or `max_batch_size` slots, the rest queued) until all finish;
+    `compile` compiles its batch-1 decode step first (see `Engine`).
     """
     if not prompts:
         return []
@@ -725,6 +776,7 @@ def generate(
         eos_token_id=eos_token_id,
         tokenizer=tokenizer,
         decode=decode,
+        compile=compile,
     )
     handles = [
         engine.submit(Request(prompt=p, params=sp, truncate=truncate))
@@ -745,10 +797,17 @@ def stream(
     decode: Callable[[list[int]], str] | None = None,
     max_seq_len: int | None = None,
     truncate: bool = False,
+    compile: bool = False,
 ) -> Iterator[Event]:
     """Generate for one prompt on the calling thread, yielding an `Event` per token (the last one finished)."""
     engine = Engine(
-        model, max_batch_size=1, max_seq_len=max_seq_len, eos_token_id=eos_token_id, tokenizer=tokenizer, decode=decode
+        model,
+        max_batch_size=1,
+        max_seq_len=max_seq_len,
+        eos_token_id=eos_token_id,
+        tokenizer=tokenizer,
+        decode=decode,
+        compile=compile,
     )
     engine.submit(Request(prompt=prompt, params=params, truncate=truncate))
     while engine.has_work():

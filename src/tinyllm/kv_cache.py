@@ -1,6 +1,7 @@
 """A static, preallocated KV cache in SDPA layout, written by position (never `torch.cat`).
 
-Shapes: L layers, B slots (sequences), H heads, S max positions, D head size.
+Shapes: L layers, B slots (sequences), H heads, S max positions, D head size. Each layer's keys and values
+are their own tensors, so a compiled decode step writes one layer's cache in place without copying another's.
 Each slot holds one sequence; positions are per slot, so sequences of different lengths share one
 batch (continuous batching). Entries past a slot's current position are stale and masked out by the
 model's attention mask, so a slot is reused without clearing it.
@@ -12,7 +13,7 @@ import torch
 
 
 class KVCache:
-    """Keys and values for every layer: `k`, `v` of shape (L, B, H, S, D)."""
+    """Keys and values for every layer: `k[l]`, `v[l]` of shape (B, H, S, D)."""
 
     def __init__(
         self,
@@ -25,9 +26,9 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (n_layer, batch_size, n_head, max_seq_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, n_head, max_seq_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
 
@@ -54,13 +55,13 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def view(self, slots: torch.Tensor | slice) -> KVCache:
         """A cache over a subset of slots (a slice shares storage; an index tensor copies)."""
         sub = KVCache.__new__(KVCache)
-        sub.k, sub.v = self.k[:, slots], self.v[:, slots]
-        sub.max_seq_len, sub.batch_size = self.max_seq_len, sub.k.shape[1]
+        sub.k, sub.v = [k[slots] for k in self.k], [v[slots] for v in self.v]
+        sub.max_seq_len, sub.batch_size = self.max_seq_len, sub.k[0].shape[0]
         return sub
 
     def update(

@@ -44,7 +44,14 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             assert input_pos is not None
             k, v = kv_cache.update(self.layer_idx, input_pos, k, v, cache_len)  # (B, H, S', D)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            if T == 1 and torch.compiler.is_compiling():
+                # one query per row in a compiled step: plain math that inductor fuses, not an SDPA call
+                att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, 1, S')
+                if attn_mask is not None:
+                    att = att.masked_fill(~attn_mask, float("-inf"))
+                y = F.softmax(att, dim=-1) @ v  # (B, H, 1, D)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:
             dropout_p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
@@ -115,12 +122,14 @@ class GPT(nn.Module):
         *,
         input_pos: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        cache_len: int | None = None,
     ) -> torch.Tensor:
         """Final-LayerNorm hidden states (B, T, C) for token ids `idx` (B, T).
 
         Without a cache, positions are 0..T-1 and attention is causal. With a cache, `input_pos`
         gives each token's position: (T,) shared by every row, or (B, T) per row; a row attends to
-        the cached positions up to and including its own.
+        the cached positions up to and including its own. `cache_len` (the largest position + 1) may be
+        given to spare reading it back from `input_pos` (a compiled decode step passes it).
         """
         B, T = idx.shape
         attn_kwargs: dict[str, object] = {}
@@ -132,12 +141,15 @@ class GPT(nn.Module):
             if input_pos is None:
                 raise ValueError("input_pos is required with a kv_cache")
             pos = input_pos
-            cache_len = int(input_pos.max()) + 1
+            if cache_len is None:
+                cache_len = int(input_pos.max()) + 1
             if cache_len > min(self.config.block_size, kv_cache.max_seq_len):
                 raise ValueError(f"position {cache_len - 1} is past the context limit")
-            row_pos = input_pos if input_pos.dim() == 2 else input_pos.unsqueeze(0)  # (B|1, T)
-            key_pos = torch.arange(cache_len, device=idx.device)  # (S',)
-            attn_mask = key_pos.view(1, 1, 1, -1) <= row_pos.unsqueeze(1).unsqueeze(-1)  # (B|1, 1, T, S')
+            attn_mask = None  # one row, one token: it attends to every cached position, up to its own
+            if B > 1 or T > 1:
+                row_pos = input_pos if input_pos.dim() == 2 else input_pos.unsqueeze(0)  # (B|1, T)
+                key_pos = torch.arange(cache_len, device=idx.device)  # (S',)
+                attn_mask = key_pos.view(1, 1, 1, -1) <= row_pos.unsqueeze(1).unsqueeze(-1)  # (B|1, 1, T, S')
             attn_kwargs = dict(input_pos=input_pos, kv_cache=kv_cache, attn_mask=attn_mask, cache_len=cache_len)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)

@@ -1,7 +1,8 @@
 """The server's configuration: one frozen dataclass, read from the environment only in `from_env`.
 
 Besides cli.py this is the only place that reads the environment: TINYLLM_HOST, TINYLLM_PORT,
-TINYLLM_API_KEY, TINYLLM_CHECKPOINT and TINYLLM_GPT2 (set it to "", "0", "none" or "off" to disable GPT-2).
+TINYLLM_API_KEY, TINYLLM_CHECKPOINT, TINYLLM_GPT2 (set it to "", "0", "none" or "off" to disable GPT-2) and
+TINYLLM_COMPILE (on unless set to one of those: compile the batch-1 decode step in the background).
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class ServerSettings:
             1), so the event loop and the HTTP work keep a core: with every core given to torch, its threads
             wait on each other whenever one is descheduled (measured here on 2 cores: 1 thread decodes
             several times faster than 2 under load). 0 leaves torch's own choice.
+        compile: compile each model's batch-1 decode step after loading, in the background (CPU with a C++
+            compiler and torch's headers; see `tinyllm.compiled_decode`): a lone request then decodes ~1.4x
+            faster; until it is ready, or where it cannot be built, decoding is eager. Off by default here;
+            `from_env` turns it on unless TINYLLM_COMPILE is off.
         sampling: defaults of the seed routes.
     """
 
@@ -91,6 +96,7 @@ class ServerSettings:
     device: str = "cpu"
     load_wait_s: float = 5.0
     torch_threads: int | None = None
+    compile: bool = False
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def __post_init__(self) -> None:
@@ -146,6 +152,7 @@ class ServerSettings:
             values["checkpoint"] = _optional(env["TINYLLM_CHECKPOINT"])
         if "TINYLLM_GPT2" in env:
             values["gpt2"] = _optional(env["TINYLLM_GPT2"])
+        values["compile"] = env.get("TINYLLM_COMPILE", "on").strip().lower() not in _OFF
         values.update({k: v for k, v in overrides.items() if v is not None or k in _NULLABLE})
         return cls(**values)
 

@@ -52,14 +52,18 @@ EngineFactory = Callable[[LoadedModel, ServerSettings], Engine]
 
 
 def default_engine(loaded: LoadedModel, settings: ServerSettings) -> Engine:
-    """The production engine: `settings.slots` slots, a queue of `settings.max_queue`, EOS = end-of-text."""
-    return Engine(
+    """The production engine: `settings.slots` slots, a queue of `settings.max_queue`, EOS = end-of-text, and
+    with `settings.compile` its batch-1 decode step compiling in the background."""
+    engine = Engine(
         loaded.model,
         max_batch_size=settings.slots,
         max_queue=settings.max_queue,
         eos_token_id=loaded.tokenizer.eot_token,
         tokenizer=loaded.tokenizer,
     )
+    if settings.compile:
+        engine.compile_decode(background=True)
+    return engine
 
 
 class ModelWorker:

@@ -1,0 +1,137 @@
+"""The compiled batch-1 decode step: same tokens as eager decoding and the no-cache oracle, a lone sequence in
+any slot, several models in one process, and a clear fallback where it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tinyllm import compiled_decode
+from tinyllm.config import ModelConfig
+from tinyllm.engine import Engine, Request, generate, generate_naive, stream
+from tinyllm.kv_cache import KVCache
+from tinyllm.model import GPT
+from tinyllm.quantize import prepare_for_inference
+from tinyllm.sampling import SamplingParams
+
+CFG = ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
+GREEDY = dict(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+
+pytestmark = pytest.mark.skipif(
+    compiled_decode.unavailable(torch.device("cpu")) is not None, reason="no C++ toolchain for inductor here"
+)
+
+
+def _model(seed: int, config: ModelConfig = CFG) -> GPT:
+    torch.manual_seed(seed)
+    return prepare_for_inference(GPT(config).eval())  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return _model(0)
+
+
+def _run(engine: Engine, prompts: list[list[int]], params: dict) -> list[list[int]]:
+    handles = [engine.submit(Request(prompt=p, params=SamplingParams(**params))) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    return [h.result().token_ids for h in handles]
+
+
+def test_compiled_greedy_equals_eager_and_the_oracle(model: GPT) -> None:
+    prompt = [5, 17, 3, 42, 8]
+    engine = Engine(model, max_batch_size=1, compile=True)
+    assert engine.compiled
+    (compiled,) = _run(engine, [prompt], GREEDY)
+    (eager,) = _run(Engine(model, max_batch_size=1), [prompt], GREEDY)
+    (oracle,) = generate_naive(model, [prompt], SamplingParams(**GREEDY), eos_token_id=None)
+    assert compiled == eager == oracle
+    assert len(compiled) == 24
+
+
+def test_compiled_logits_match_eager_logits(model: GPT) -> None:
+    """One step, compiled and eager, on caches prefilled alike: the same numbers up to summation order."""
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    caches = [KVCache.for_model(CFG, batch_size=1) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            model.hidden_states(prompt, input_pos=torch.arange(6), kv_cache=cache)
+        decoder = compiled_decode.CompiledDecoder(model)
+        decoder.warm_up(caches[0])
+        idx, pos = torch.tensor([[7]]), torch.tensor([[6]])
+        compiled = decoder(idx, pos, caches[0].view(slice(0, 1)), 7)  # (1, V)
+        eager = model(idx, input_pos=pos, kv_cache=caches[1])[:, -1]  # (1, V)
+    assert compiled.shape == (1, CFG.vocab_size)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[0].k[1], caches[1].k[1])  # the step wrote the same keys, in place
+
+
+def test_a_lone_sequence_in_a_later_slot_decodes_compiled_and_equals_alone(model: GPT) -> None:
+    """Two short requests fill slots 0 and 1 and finish; the long one in slot 2 goes on alone (compiled)."""
+    engine = Engine(model, max_batch_size=4, compile=True)
+    short = dict(temperature=0.0, max_new_tokens=2, ignore_eos=True)
+    handles = [engine.submit(Request(prompt=[9, 9], params=SamplingParams(**short))) for _ in range(2)]
+    long = engine.submit(Request(prompt=[4, 8, 15, 16, 23, 42], params=SamplingParams(**GREEDY)))
+    while engine.has_work():
+        engine.step()
+    alone = generate(model, [[4, 8, 15, 16, 23, 42]], SamplingParams(**GREEDY), eos_token_id=None)[0]
+    assert long.result().token_ids == alone.token_ids
+    assert [h.result().completion_tokens for h in handles] == [2, 2]
+
+
+def test_seeded_sampling_is_reproducible_when_compiled(model: GPT) -> None:
+    params = dict(temperature=1.0, top_k=20, seed=1234, max_new_tokens=20, ignore_eos=True)
+    first = _run(Engine(model, max_batch_size=1, compile=True), [[3, 1, 4]], params)
+    second = _run(Engine(model, max_batch_size=1, compile=True), [[3, 1, 4]], params)
+    assert first == second
+
+
+def test_each_model_gets_its_own_compiled_step(model: GPT) -> None:
+    """Module guards are skipped for speed: a second model, same shapes, other weights, must not reuse the first's
+    graph with the first's weights, and one of other sizes must not break it."""
+    other = _model(1)
+    wider = _model(2, ModelConfig(vocab_size=97, block_size=64, n_layer=3, n_head=4, n_embd=64))
+    for m in (model, other, wider, model):
+        (compiled,) = _run(Engine(m, max_batch_size=1, compile=True), [[2, 7, 1, 8]], GREEDY)
+        (oracle,) = generate_naive(m, [[2, 7, 1, 8]], SamplingParams(**GREEDY), eos_token_id=None)
+        assert compiled == oracle
+
+
+def test_stream_and_generate_take_compile(model: GPT) -> None:
+    params = SamplingParams(**GREEDY)
+    streamed = [t for e in stream(model, [6, 6, 6], params, eos_token_id=None, compile=True) for t in e.token_ids]
+    (generated,) = generate(model, [[6, 6, 6]], params, eos_token_id=None, compile=True)
+    assert streamed == generated.token_ids
+
+
+def test_unavailable_falls_back_to_eager_with_the_reason(
+    model: GPT, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(compiled_decode.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    reason = compiled_decode.unavailable(torch.device("cpu"))
+    assert reason is not None and "C++ compiler" in reason
+    with caplog.at_level(logging.WARNING, logger="tinyllm.engine"):
+        engine = Engine(_model(3), max_batch_size=1, compile=True)
+    assert not engine.compiled
+    assert "decoding eagerly: no C++ compiler" in caplog.text
+    assert len(_run(engine, [[1, 2]], GREEDY)[0]) == 24  # and it still generates
+    assert "is on cuda" in (compiled_decode.unavailable(torch.device("cuda")) or "")
+
+
+def test_a_failing_compile_leaves_the_engine_eager(
+    model: GPT, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: compiled_decode.CompiledDecoder, like: KVCache) -> None:
+        raise RuntimeError("C++ compile error: boom")
+
+    monkeypatch.setattr(compiled_decode.CompiledDecoder, "warm_up", broken)
+    with caplog.at_level(logging.WARNING, logger="tinyllm.engine"):
+        engine = Engine(model, max_batch_size=2, compile=True)
+    assert not engine.compiled
+    assert "compiling the decode step failed: C++ compile error: boom" in caplog.text
+    (oracle,) = generate_naive(model, [[5, 5]], SamplingParams(**GREEDY), eos_token_id=None)
+    assert _run(engine, [[5, 5]], GREEDY) == [oracle]
