@@ -4,6 +4,7 @@ any slot, several models in one process, and a clear fallback where it cannot be
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -135,3 +136,21 @@ def test_a_failing_compile_leaves_the_engine_eager(
     assert "compiling the decode step failed: C++ compile error: boom" in caplog.text
     (oracle,) = generate_naive(model, [[5, 5]], SamplingParams(**GREEDY), eos_token_id=None)
     assert _run(engine, [[5, 5]], GREEDY) == [oracle]
+
+
+def test_background_compile_switches_over_while_decoding(model: GPT) -> None:
+    """The server's way: the engine keeps decoding eagerly while a thread compiles, then runs compiled."""
+    engine = Engine(model, max_batch_size=1)
+    assert engine.compile_decode(background=True) is None
+    prompt = [1, 1, 2, 3, 5, 8]
+    long = dict(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+    handle = engine.submit(Request(prompt=prompt, params=SamplingParams(**long)))
+    while engine.has_work():
+        engine.step()
+    deadline = time.monotonic() + 120
+    while not engine.compiled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.compiled
+    (oracle,) = generate_naive(model, [prompt], SamplingParams(**long), eos_token_id=None)
+    assert handle.result().token_ids == oracle
+    assert _run(engine, [prompt], long) == [oracle]
