@@ -154,3 +154,8 @@ def test_background_compile_switches_over_while_decoding(model: GPT) -> None:
     (oracle,) = generate_naive(model, [prompt], SamplingParams(**long), eos_token_id=None)
     assert handle.result().token_ids == oracle
     assert _run(engine, [prompt], long) == [oracle]
+
+
+def test_inductor_options_unknown_to_this_torch_are_left_out() -> None:
+    known = compiled_decode._known({"no_such_option": 1, "size_asserts": False, "realize_opcount_threshold": 2})
+    assert "no_such_option" not in known and known["size_asserts"] is False

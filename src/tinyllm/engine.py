@@ -408,10 +408,10 @@ class Engine:
         if reason is not None:
             logger.warning("decoding eagerly: %s", reason)
             return reason
-        decoder = compiled_decode.CompiledDecoder(self.model)
 
         def build() -> None:
             try:
+                decoder = compiled_decode.CompiledDecoder(self.model)
                 decoder.warm_up(self.cache)
             except Exception as exc:  # a compiler or inductor failure must not take the engine down
                 logger.warning("decoding eagerly: compiling the decode step failed: %s", exc)
