@@ -8,8 +8,9 @@ with what computes its input; attention is plain math on the cached keys. Same f
 another summation order: greedy ids equal the eager engine's (tested), logits to ~1e-5.
 
 It needs a C++ compiler and torch's headers at run time (inductor writes and builds C++). The first compile
-takes 20-60 s on 2 cores; later processes reuse inductor's on-disk cache. `CompiledDecoder.unavailable()`
-says why it cannot run here (then the engine decodes eagerly).
+takes 20-60 s on 2 cores; later processes reuse inductor's on-disk cache. `unavailable()` says why it cannot
+run here (then the engine decodes eagerly). Batched steps stay eager: a multiply-and-sum would re-read each
+weight once per row, where oneDNN's packed GEMM reads it once.
 
 Shapes: C channels, V vocabulary, H heads, S cache positions, D head size.
 """

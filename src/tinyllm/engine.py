@@ -4,7 +4,8 @@ An `Engine` owns a model and one `KVCache` of N slots. `submit` queues a request
 waiting requests into free slots (prefilling each into its slot), runs one batched decode step for every
 active slot (each at its own position), emits per-request events and retires the finished. `generate` and
 `stream` are thin loops over an Engine; `generate_naive` re-runs the whole context every token and is the
-oracle the tests hold the engine to.
+oracle the tests hold the engine to. `compile=True` (or `compile_decode()`) compiles the step that decodes a
+lone sequence (`tinyllm.compiled_decode`); the other steps stay eager.
 
 Threading: one thread (a server's worker) owns the Engine and loops `step()` or `run()`; any thread may
 `submit`, `cancel` and consume a request's events (a `queue.Queue` per request, or a callback).
