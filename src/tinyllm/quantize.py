@@ -248,7 +248,9 @@ def prepare_for_inference(
         dtype: "float32" (exact) or "bfloat16" (lossy, half the bytes).
         quantize: None, "int8" (weight-only, lossy) or "int8-dynamic" (weights and activations, lossier).
         onednn: use oneDNN for the float linears; None means "on CPU when available".
-        huge_pages: on CPU, copy weights of 4 MB and more into memory backed by 2 MB pages (Linux THP).
+        huge_pages: on CPU, copy the parameters and buffers into one arena backed by 2 MB pages (Linux THP)
+            when they add up to 4 MB or more. They then share one storage: save a model before preparing it
+            (safetensors refuses tensors that share memory), not after.
 
     The model is switched to eval mode and stops tracking gradients. Quantized layers untie `lm_head` from
     `wte` (the embedding keeps its float weights for the lookup).
