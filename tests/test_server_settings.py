@@ -93,13 +93,14 @@ def test_cli_serve_builds_settings_from_flags_and_env(monkeypatch: pytest.Monkey
 
     seen: list[ServerSettings] = []
     monkeypatch.setattr(app, "serve", lambda settings: seen.append(settings))
-    for name in ("TINYLLM_HOST", "TINYLLM_CHECKPOINT", "TINYLLM_GPT2"):
+    for name in ("TINYLLM_HOST", "TINYLLM_CHECKPOINT", "TINYLLM_GPT2", "TINYLLM_COMPILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TINYLLM_API_KEY", "from-env")
     monkeypatch.setenv("TINYLLM_PORT", "6000")
     assert cli.main(["serve", "--no-gpt2", "--checkpoint", "runs/x", "--host", "127.0.0.2"]) == 0
-    assert cli.main(["serve", "--gpt2", "/models/gpt2", "--port", "7000", "--api-key", "flag"]) == 0
+    assert cli.main(["serve", "--gpt2", "/models/gpt2", "--port", "7000", "--api-key", "flag", "--no-compile"]) == 0
     first, second = seen
+    assert (first.compile, second.compile) == (True, False)
     assert (first.host, first.port, first.gpt2, first.checkpoint, first.api_key) == (
         "127.0.0.2",
         6000,

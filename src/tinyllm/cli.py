@@ -495,6 +495,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         overrides["gpt2"] = args.gpt2
     if args.api_key is not None:
         overrides["api_key"] = args.api_key
+    if args.no_compile:
+        overrides["compile"] = False
     serve(ServerSettings.from_env(**overrides))
     return 0
 
@@ -510,6 +512,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     gpt2.add_argument("--gpt2", default=None, metavar="SOURCE", help="GPT-2 hub id or local directory")
     gpt2.add_argument("--no-gpt2", action="store_true", help="serve without GPT-2")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (prefer $TINYLLM_API_KEY)")
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="keep decoding eager (default: compile the batch-1 decode step in the background, or $TINYLLM_COMPILE)",
+    )
     p.set_defaults(func=_cmd_serve)
 
 
