@@ -159,3 +159,24 @@ def test_background_compile_switches_over_while_decoding(model: GPT) -> None:
 def test_inductor_options_unknown_to_this_torch_are_left_out() -> None:
     known = compiled_decode._known({"no_such_option": 1, "size_asserts": False, "realize_opcount_threshold": 2})
     assert "no_such_option" not in known and known["size_asserts"] is False
+
+
+def test_the_server_compiles_in_the_background_and_answers_the_same() -> None:
+    from server_helpers import gpt2_tokenizer_or_skip, ready, serving
+
+    from tinyllm.server.settings import ServerSettings
+
+    tok = gpt2_tokenizer_or_skip()
+    body = {"prompt": "The future of AI is", "temperature": 0, "max_new_tokens": 20}
+    answers = {}
+    for compile in (False, True):
+        settings = ServerSettings(checkpoint=None, gpt2=None, slots=2, max_queue=4, compile=compile)
+        with serving(tok, settings=settings, loaders={"custom": ready(tok)}) as client:
+            deadline = time.monotonic() + 120
+            while compile and time.monotonic() < deadline:
+                if client.get("/ready").json()["models"]["custom"].get("decode") == "compiled":
+                    break
+                time.sleep(0.1)
+            assert client.get("/ready").json()["models"]["custom"]["decode"] == ("compiled" if compile else "eager")
+            answers[compile] = client.post("/generate/custom", json=body).json()["generated_text"]
+    assert answers[True] == answers[False] and len(answers[True]) > len(body["prompt"])

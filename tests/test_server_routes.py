@@ -181,6 +181,7 @@ def test_health_ready_and_request_id(client: TestClient) -> None:
     ready = client.get("/ready")
     assert ready.status_code == 200
     assert {m["state"] for m in ready.json()["models"].values()} == {"ready"}
+    assert {m["decode"] for m in ready.json()["models"].values()} == {"eager"}  # settings built in code: no compile
 
 
 def test_metrics_count_requests_and_tokens(client: TestClient) -> None:

@@ -205,6 +205,7 @@ class ModelWorker:
                 slots=self.engine.max_batch_size,
                 max_queue=self.engine.max_queue,
                 source=str(self.loaded.meta.get("source", "")) or None,
+                decode="compiled" if self.engine.compiled else "eager",  # a lone request's decode step
             )
         return info
 
