@@ -126,7 +126,7 @@ class CompiledDecoder:
         device = like.k[0].device
         t = time.perf_counter()
         with torch.inference_mode():
-            for n in (2, 3):  # a length of 1 would be specialized; the second call checks for no recompile
+            for n in (2, 3):  # not 1: dynamo would specialize the graph to a length of 1; then one compiled run
                 idx = torch.zeros(1, 1, dtype=torch.long, device=device)
                 self._step(self.model, idx, torch.tensor([[n - 1]], device=device), scratch.view(slice(0, 1)), n)
         self.compile_s = time.perf_counter() - t
