@@ -47,9 +47,11 @@ MODES: dict[str, dict | None] = {
     "bf16": {"dtype": "bfloat16"},
     "int8": {"quantize": "int8"},
     "int8-dynamic": {"quantize": "int8-dynamic"},
+    "bf16-compiled": {"dtype": "bfloat16"},
+    "int8-compiled": {"quantize": "int8"},
 }
 EXACT_MODE = "fp32"
-COMPILED_MODES = {"fp32-compiled"}
+COMPILED_MODES = {"fp32-compiled", "bf16-compiled", "int8-compiled"}
 QUALITY_FALLBACK = "The quick brown fox jumps over the lazy dog. " * 40
 
 

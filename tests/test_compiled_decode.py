@@ -180,3 +180,16 @@ def test_the_server_compiles_in_the_background_and_answers_the_same() -> None:
             assert client.get("/ready").json()["models"]["custom"]["decode"] == ("compiled" if compile else "eager")
             answers[compile] = client.post("/generate/custom", json=body).json()["generated_text"]
     assert answers[True] == answers[False] and len(answers[True]) > len(body["prompt"])
+
+
+@pytest.mark.parametrize("options", [{"dtype": "bfloat16"}, {"quantize": "int8"}, {"quantize": "int8-dynamic"}])
+def test_lossy_modes_compile_or_say_why(options: dict) -> None:
+    """bf16 and int8 weight-only compile (same greedy ids as their eager selves); int8-dynamic stays eager."""
+    torch.manual_seed(0)
+    lossy = prepare_for_inference(GPT(CFG).eval(), **options)
+    engine = Engine(lossy, max_batch_size=1, compile=True)
+    (eager,) = _run(Engine(lossy, max_batch_size=1), [[3, 14, 15]], GREEDY)
+    assert _run(engine, [[3, 14, 15]], GREEDY) == [eager]
+    assert engine.compiled is (options.get("quantize") != "int8-dynamic")
+    if not engine.compiled:
+        assert "int8-dynamic" in (compiled_decode.unavailable(torch.device("cpu"), lossy) or "")

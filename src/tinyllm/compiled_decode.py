@@ -54,10 +54,12 @@ _KEYS = itertools.count()
 _STEPS: WeakKeyDictionary[torch.nn.Module, Callable[..., torch.Tensor]] = WeakKeyDictionary()
 
 
-def unavailable(device: torch.device) -> str | None:
-    """Why a compiled decode step cannot run here, or None when it can."""
+def unavailable(device: torch.device, model: torch.nn.Module | None = None) -> str | None:
+    """Why a compiled decode step cannot run here (for `model`, when given), or None when it can."""
     if device.type != "cpu":
         return f"compiled decoding is built for CPU decoding; this model is on {device.type}"
+    if model is not None and any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
+        return "int8-dynamic layers (torch.ao's quantized Linear) do not compile; int8 or bfloat16 do"
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
         return "no C++ compiler found (inductor builds C++ at run time; install g++)"

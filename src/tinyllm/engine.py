@@ -405,7 +405,7 @@ class Engine:
         """Compile the batch-1 decode step (see `tinyllm.compiled_decode`); until it is ready, and if it fails,
         decoding stays eager. Returns why it cannot be compiled here, or None. `background`: compile on a daemon
         thread (a server keeps serving meanwhile)."""
-        reason = compiled_decode.unavailable(self.device)
+        reason = compiled_decode.unavailable(self.device, self.model)
         if reason is not None:
             logger.warning("decoding eagerly: %s", reason)
             return reason
