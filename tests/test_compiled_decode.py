@@ -35,6 +35,20 @@ def model() -> GPT:
     return _model(0)
 
 
+@pytest.fixture
+def compiled_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the cache length of every compiled step run (so a test sees the engine took that path)."""
+    steps: list[int] = []
+    call = compiled_decode.CompiledDecoder.__call__
+
+    def counted(self, idx, pos, cache, cache_len):  # noqa: ANN001, ANN202
+        steps.append(cache_len)
+        return call(self, idx, pos, cache, cache_len)
+
+    monkeypatch.setattr(compiled_decode.CompiledDecoder, "__call__", counted)
+    return steps
+
+
 def _run(engine: Engine, prompts: list[list[int]], params: dict) -> list[list[int]]:
     handles = [engine.submit(Request(prompt=p, params=SamplingParams(**params))) for p in prompts]
     while engine.has_work():
@@ -42,11 +56,13 @@ def _run(engine: Engine, prompts: list[list[int]], params: dict) -> list[list[in
     return [h.result().token_ids for h in handles]
 
 
-def test_compiled_greedy_equals_eager_and_the_oracle(model: GPT) -> None:
+def test_compiled_greedy_equals_eager_and_the_oracle(model: GPT, compiled_steps: list[int]) -> None:
     prompt = [5, 17, 3, 42, 8]
     engine = Engine(model, max_batch_size=1, compile=True)
     assert engine.compiled
     (compiled,) = _run(engine, [prompt], GREEDY)
+    # the prefill draws the first token; each of the other 23 came from a compiled step, at lengths 6..28
+    assert compiled_steps == list(range(len(prompt) + 1, len(prompt) + 24))
     (eager,) = _run(Engine(model, max_batch_size=1), [prompt], GREEDY)
     (oracle,) = generate_naive(model, [prompt], SamplingParams(**GREEDY), eos_token_id=None)
     assert compiled == eager == oracle
@@ -70,7 +86,9 @@ def test_compiled_logits_match_eager_logits(model: GPT) -> None:
     torch.testing.assert_close(caches[0].k[1], caches[1].k[1])  # the step wrote the same keys, in place
 
 
-def test_a_lone_sequence_in_a_later_slot_decodes_compiled_and_equals_alone(model: GPT) -> None:
+def test_a_lone_sequence_in_a_later_slot_decodes_compiled_and_equals_alone(
+    model: GPT, compiled_steps: list[int]
+) -> None:
     """Two short requests fill slots 0 and 1 and finish; the long one in slot 2 goes on alone (compiled)."""
     engine = Engine(model, max_batch_size=4, compile=True)
     short = dict(temperature=0.0, max_new_tokens=2, ignore_eos=True)
@@ -81,6 +99,7 @@ def test_a_lone_sequence_in_a_later_slot_decodes_compiled_and_equals_alone(model
     alone = generate(model, [[4, 8, 15, 16, 23, 42]], SamplingParams(**GREEDY), eos_token_id=None)[0]
     assert long.result().token_ids == alone.token_ids
     assert [h.result().completion_tokens for h in handles] == [2, 2]
+    assert len(compiled_steps) >= 20  # once the short ones finished, the long one decoded alone, compiled
 
 
 def test_seeded_sampling_is_reproducible_when_compiled(model: GPT) -> None:
@@ -90,22 +109,26 @@ def test_seeded_sampling_is_reproducible_when_compiled(model: GPT) -> None:
     assert first == second
 
 
-def test_each_model_gets_its_own_compiled_step(model: GPT) -> None:
-    """Module guards are skipped for speed: a second model, same shapes, other weights, must not reuse the first's
-    graph with the first's weights, and one of other sizes must not break it."""
+def test_each_model_gets_its_own_compiled_step(model: GPT, compiled_steps: list[int]) -> None:
+    """Dynamo's guards are skipped for speed, so nothing but the per-model code object keeps a model of other sizes
+    (a deeper, wider one here) from running the first model's graph; and the first still works afterwards."""
     other = _model(1)
     wider = _model(2, ModelConfig(vocab_size=97, block_size=64, n_layer=3, n_head=4, n_embd=64))
     for m in (model, other, wider, model):
         (compiled,) = _run(Engine(m, max_batch_size=1, compile=True), [[2, 7, 1, 8]], GREEDY)
         (oracle,) = generate_naive(m, [[2, 7, 1, 8]], SamplingParams(**GREEDY), eos_token_id=None)
         assert compiled == oracle
+    assert len(compiled_steps) == 4 * 23
 
 
-def test_stream_and_generate_take_compile(model: GPT) -> None:
+def test_stream_and_generate_take_compile(model: GPT, compiled_steps: list[int]) -> None:
     params = SamplingParams(**GREEDY)
     streamed = [t for e in stream(model, [6, 6, 6], params, eos_token_id=None, compile=True) for t in e.token_ids]
+    assert len(compiled_steps) == 23
     (generated,) = generate(model, [[6, 6, 6]], params, eos_token_id=None, compile=True)
-    assert streamed == generated.token_ids
+    assert len(compiled_steps) == 46
+    (eager,) = generate(model, [[6, 6, 6]], params, eos_token_id=None)
+    assert streamed == generated.token_ids == eager.token_ids
 
 
 def test_unavailable_falls_back_to_eager_with_the_reason(
@@ -183,7 +206,7 @@ def test_the_server_compiles_in_the_background_and_answers_the_same() -> None:
 
 
 @pytest.mark.parametrize("options", [{"dtype": "bfloat16"}, {"quantize": "int8"}, {"quantize": "int8-dynamic"}])
-def test_lossy_modes_compile_or_say_why(options: dict) -> None:
+def test_lossy_modes_compile_or_say_why(options: dict, compiled_steps: list[int]) -> None:
     """bf16 and int8 weight-only compile (same greedy ids as their eager selves); int8-dynamic stays eager."""
     torch.manual_seed(0)
     lossy = prepare_for_inference(GPT(CFG).eval(), **options)
@@ -191,5 +214,6 @@ def test_lossy_modes_compile_or_say_why(options: dict) -> None:
     (eager,) = _run(Engine(lossy, max_batch_size=1), [[3, 14, 15]], GREEDY)
     assert _run(engine, [[3, 14, 15]], GREEDY) == [eager]
     assert engine.compiled is (options.get("quantize") != "int8-dynamic")
+    assert len(compiled_steps) == (23 if engine.compiled else 0)
     if not engine.compiled:
         assert "int8-dynamic" in (compiled_decode.unavailable(torch.device("cpu"), lossy) or "")

@@ -475,7 +475,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--compile",
         action="store_true",
         help="compile the decode step first (CPU, needs a C++ compiler; pays off "
-        "for long generations: compiling takes seconds to a minute the first time, then ~1.4x faster decoding)",
+        "for long generations: compiling takes seconds to a minute the first time, then ~1.4-2x faster decoding)",
     )
     p.set_defaults(func=_cmd_generate)
 

@@ -210,17 +210,15 @@ def _move_to_huge_pages(model: nn.Module) -> int:
     arena = _huge_page_tensor((total,), torch.uint8) if tensors else None
     if arena is None:
         return 0
-    moved: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for (module, name, t), offset in zip(tensors, offsets, strict=True):
             nbytes = t.numel() * t.element_size()
             new = arena[offset : offset + nbytes].view(t.dtype).view(t.shape).copy_(t)
-            moved[id(t)] = new
             if name in module._parameters:
                 module._parameters[name].data = new  # type: ignore[union-attr]
             else:
                 module._buffers[name] = new
-    return len(moved)
+    return len(tensors)
 
 
 def _swap_linears(model: nn.Module, make: object) -> int:

@@ -77,7 +77,7 @@ class ServerSettings:
             wait on each other whenever one is descheduled (measured here on 2 cores: 1 thread decodes
             several times faster than 2 under load). 0 leaves torch's own choice.
         compile: compile each model's batch-1 decode step after loading, in the background (CPU with a C++
-            compiler and torch's headers; see `tinyllm.compiled_decode`): a lone request then decodes ~1.4x
+            compiler and torch's headers; see `tinyllm.compiled_decode`): a lone request then decodes ~1.4-2x
             faster; until it is ready, or where it cannot be built, decoding is eager. Off by default here;
             `from_env` turns it on unless TINYLLM_COMPILE is off.
         sampling: defaults of the seed routes.
