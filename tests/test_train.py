@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -288,7 +289,7 @@ def test_the_default_recipe_runs_one_process_per_core_on_a_cpu(monkeypatch):
     assert resolve_processes(TrainConfig(processes=2)) == 1  # under torchrun: its processes, none of ours
 
 
-def test_train_spawns_ddp_processes_and_returns_rank0s_result(tmp_path, corpus):
+def test_train_spawns_ddp_processes_and_returns_rank0s_result(tmp_path, corpus, monkeypatch):
     result = train(tiny(tmp_path, corpus, processes=2, max_steps=4, eval_interval=2), progress=False)
     run = tmp_path / "run"
     assert result.rank == 0 and result.steps == 4 and result.tokens == 4 * 4 * 32 * 2  # both processes' tokens
@@ -297,9 +298,14 @@ def test_train_spawns_ddp_processes_and_returns_rank0s_result(tmp_path, corpus):
     _, state = load_train_state(run / "last")
     assert state["world_size"] == 2 and [r["sampler"]["seed"] for r in state["ranks"]] == [1337, 1338]
     assert [r["step"] for r in records(run) if r["event"] == "eval"] == [0, 2, 4]
-    # a process's error comes back as one clear TrainError, and the other process is stopped
+    # a process's error comes back as one clear TrainError, and the other process is stopped; the tracebacks
+    # torch's spawn left in temporary files are removed
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     with pytest.raises(TrainError, match="no such file or folder"):
         train(tiny(tmp_path, corpus, processes=2, data=(str(tmp_path / "nope.txt"),)), progress=False)
+    assert list(scratch.glob("pytorch-errorfile-*")) == []
 
 
 def test_finetune_from_a_local_gpt2_directory(tmp_path, corpus):

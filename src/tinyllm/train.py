@@ -858,8 +858,10 @@ def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
     results = mp.get_context("spawn").SimpleQueue()
     level = logging.getLogger().getEffectiveLevel()
     args = (config, world, _free_port(), threads, progress, level, results)
+    context = mp.start_processes(_spawned, args=args, nprocs=world, join=False, start_method="spawn")
     try:
-        mp.start_processes(_spawned, args=args, nprocs=world, join=True, start_method="spawn")
+        while not context.join():
+            pass
     except ProcessException as exc:
         errors = []
         while not results.empty():
@@ -868,6 +870,10 @@ def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
                 errors.append(value)
         detail = errors[0] if errors else str(exc).strip().splitlines()[-1]
         raise TrainError(detail) from None
+    finally:  # a failed process leaves its traceback in a temporary file that torch does not remove
+        for path in context.error_files:
+            if path:
+                Path(path).unlink(missing_ok=True)
     while not results.empty():
         kind, _, value = results.get()
         if kind == "result":
