@@ -256,6 +256,7 @@ def _sharded_muon_rank(rank: int, port: int, results) -> None:  # noqa: ANN001
             reference = _run_muon(pg, lambda ps: torch.optim.Muon(ps, **settings))
             pairs = [ab for x, y in zip(sharded, reference, strict=True) for ab in zip(x, y, strict=True)]
             results.put(all(torch.equal(a, b) for a, b in pairs))
+        dist.barrier()  # as the trainer does: a rank tearing gloo down while its peer still works can abort
     finally:
         dist.destroy_process_group()
 
@@ -306,6 +307,34 @@ def test_train_spawns_ddp_processes_and_returns_rank0s_result(tmp_path, corpus, 
     with pytest.raises(TrainError, match="no such file or folder"):
         train(tiny(tmp_path, corpus, processes=2, data=(str(tmp_path / "nope.txt"),)), progress=False)
     assert list(scratch.glob("pytorch-errorfile-*")) == []
+
+
+@pytest.mark.parametrize("rank0_finished", [True, False])
+def test_a_process_dying_after_rank0_finished_does_not_fail_the_run(tmp_path, corpus, monkeypatch, rank0_finished):
+    """gloo can abort a process in its teardown; once rank 0 has published its result the run stands."""
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    sentinel = "rank 0's result"  # through a real queue: pickled
+
+    class Context:
+        error_files = [None, None]
+
+        def join(self) -> bool:
+            raise ProcessExitedException("process 1 terminated with signal SIGABRT", 1, 4242, -6, "SIGABRT")
+
+    def start_processes(fn, args, nprocs, join, start_method):  # noqa: ANN001, ANN202
+        if rank0_finished:
+            args[-1].put(("result", 0, sentinel))
+        return Context()
+
+    monkeypatch.setattr(mp, "start_processes", start_processes)
+    config = tiny(tmp_path, corpus, processes=2)
+    if rank0_finished:
+        assert train(config, progress=False) == sentinel
+    else:
+        with pytest.raises(TrainError, match="process 1 terminated with signal SIGABRT"):
+            train(config, progress=False)
 
 
 def test_finetune_from_a_local_gpt2_directory(tmp_path, corpus):

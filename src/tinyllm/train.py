@@ -838,13 +838,12 @@ def _spawned(
     logging.basicConfig(
         level=log_level if rank == 0 else max(log_level, logging.WARNING), format=fmt, datefmt="%H:%M:%S"
     )
+    publish = (lambda result: results.put(("result", rank, result))) if rank == 0 else None
     try:
-        result = train(config, progress=progress and rank == 0)
+        _train_here(config, progress=progress and rank == 0, publish=publish)
     except TinyLLMError as exc:
         results.put(("error", rank, str(exc)))
         raise
-    if rank == 0:
-        results.put(("result", rank, result))
 
 
 def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
@@ -863,12 +862,18 @@ def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
         while not context.join():
             pass
     except ProcessException as exc:
-        errors = []
+        errors, done = [], None
         while not results.empty():
             kind, _, value = results.get()
             if kind == "error":
                 errors.append(value)
+            elif kind == "result":
+                done = value
         detail = errors[0] if errors else str(exc).strip().splitlines()[-1]
+        if done is not None and not errors:
+            # rank 0 finished the run (checkpoint written) before another process died tearing gloo down
+            logger.warning("a training process ended abnormally after the run had finished (%s)", detail)
+            return done
         raise TrainError(detail) from None
     finally:  # a failed process leaves its traceback in a temporary file that torch does not remove
         for path in context.error_files:
@@ -895,13 +900,25 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     world = resolve_processes(config)
     if world > 1:
         return _spawn(config, world, progress=progress)
+    return _train_here(config, progress=progress)
+
+
+def _train_here(
+    config: TrainConfig, *, progress: bool, publish: Callable[[TrainResult], None] | None = None
+) -> TrainResult:
+    """Train in this process (alone, or as one rank of a torchrun/spawned job). `publish` gets the result
+    before the process group is torn down, so a peer that dies in gloo's teardown cannot lose it."""
     job = _Dist(config.device)
     try:
         run = _Run(config, job, progress=progress)
         if run.progress:
             with logging_redirect_tqdm():
-                return run.run()
-        return run.run()
+                result = run.run()
+        else:
+            result = run.run()
+        if publish is not None:
+            publish(result)
+        return result
     finally:
         job.close()
 
