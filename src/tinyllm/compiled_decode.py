@@ -43,9 +43,9 @@ logger = logging.getLogger(__name__)
 # `realize_cpu_opcount_threshold`, older torch only has the generic one). No pattern matching: it would turn
 # the attention math back into an SDPA call, an extern kernel per layer. No size asserts: ~190 Python checks
 # per call. The C++ wrapper: the ~180 intermediate buffers are allocated and freed in C++ instead of Python
-# (a call spent ~760 us outside the kernel, ~410 us with it: +3% on a 9.4 ms step, alternating A/B). Options
-# this torch does not know are left out. Measured on GPT-2-124M here: 84% -> ~92% of the bandwidth roofline
-# for the step alone.
+# (a call spent ~760 us outside the kernel, ~410 us with it: +3% on a ~10 ms step, alternating A/B). Options
+# this torch does not know are left out. Measured on GPT-2-124M here, the step alone: 84% -> 89-90% of the
+# bandwidth roofline with the options before the C++ wrapper (host at ~35 GB/s); see BENCHMARKS.md.
 INDUCTOR_OPTIONS: dict[str, object] = {
     "cpp_wrapper": True,
     "realize_cpu_opcount_threshold": 2,

@@ -858,32 +858,30 @@ def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
     level = logging.getLogger().getEffectiveLevel()
     args = (config, world, _free_port(), threads, progress, level, results)
     context = mp.start_processes(_spawned, args=args, nprocs=world, join=False, start_method="spawn")
+    failure: str | None = None
     try:
         while not context.join():
             pass
     except ProcessException as exc:
-        errors, done = [], None
-        while not results.empty():
-            kind, _, value = results.get()
-            if kind == "error":
-                errors.append(value)
-            elif kind == "result":
-                done = value
-        detail = errors[0] if errors else str(exc).strip().splitlines()[-1]
-        if done is not None and not errors:
-            # rank 0 finished the run (checkpoint written) before another process died tearing gloo down
-            logger.warning("a training process ended abnormally after the run had finished (%s)", detail)
-            return done
-        raise TrainError(detail) from None
+        failure = str(exc).strip().splitlines()[-1]
     finally:  # a failed process leaves its traceback in a temporary file that torch does not remove
         for path in context.error_files:
             if path:
                 Path(path).unlink(missing_ok=True)
+    errors, done = [], None
     while not results.empty():
         kind, _, value = results.get()
-        if kind == "result":
-            return value
-    raise TrainError("the training processes ended without a result")
+        if kind == "error":
+            errors.append(value)
+        elif kind == "result":
+            done = value
+    if errors:
+        raise TrainError(errors[0])
+    if done is None:
+        raise TrainError(failure or "the training processes ended without a result")
+    if failure is not None:  # rank 0 finished the run (checkpoint written), then a peer died tearing gloo down
+        logger.warning("a training process ended abnormally after the run had finished (%s)", failure)
+    return done
 
 
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
