@@ -79,11 +79,63 @@ def test_compiled_logits_match_eager_logits(model: GPT) -> None:
         decoder = compiled_decode.CompiledDecoder(model)
         decoder.warm_up(caches[0])
         idx, pos = torch.tensor([[7]]), torch.tensor([[6]])
-        compiled = decoder(idx, pos, caches[0].view(slice(0, 1)), 7)  # (1, V)
+        compiled, greedy = decoder(idx, pos, caches[0].view(slice(0, 1)), 7)  # (1, V), (1,)
         eager = model(idx, input_pos=pos, kv_cache=caches[1])[:, -1]  # (1, V)
     assert compiled.shape == (1, CFG.vocab_size)
+    assert torch.equal(greedy, compiled.argmax(dim=-1))  # the argmax computed inside the step
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[0].k[1], caches[1].k[1])  # the step wrote the same keys, in place
+
+
+def test_the_direct_call_equals_dynamos_call(model: GPT) -> None:
+    """Calls skip dynamo's frame (the graph is called with an argument list built from the recorded recipe): the
+    logits and the cache writes are bit-identical to going through dynamo, in any slot, at any length."""
+    engine_cache = KVCache.for_model(CFG, batch_size=3)
+    decoder = compiled_decode.CompiledDecoder(model)
+    decoder.warm_up(engine_cache)
+    assert decoder.direct
+    caches = [KVCache.for_model(CFG, batch_size=3) for _ in range(2)]
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.inference_mode():
+        for cache in caches:
+            model.hidden_states(prompt, input_pos=torch.arange(5), kv_cache=cache.view(slice(2, 3)))
+        direct_slot, dynamo_slot = (c.view(slice(2, 3)) for c in caches)
+        for n in range(6, 12):
+            idx, pos = torch.tensor([[n * 7 % 97]]), torch.tensor([[n - 1]])
+            assert torch.equal(decoder.position(n - 1), pos)  # made once at warm-up, as the engine passes it
+            direct = decoder(idx, decoder.position(n - 1), direct_slot, n)
+            through_dynamo = decoder._step(model, idx, pos, dynamo_slot, n)
+            assert all(torch.equal(a, b) for a, b in zip(direct, through_dynamo, strict=True))
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):
+        assert torch.equal(a, b)
+    assert caches[0].k[0][2, :, 10].abs().sum() > 0 and caches[0].k[0][:2].abs().sum() == 0  # slot 2 only
+
+
+def test_inputs_that_cannot_be_placed_leave_calls_to_dynamo(model: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    other = _model(4)  # a model not compiled yet: its backend runs (and records) during this test
+    monkeypatch.setattr(compiled_decode, "_recipe", lambda inputs, call: None)
+    decoder = compiled_decode.CompiledDecoder(other)
+    decoder.warm_up(KVCache.for_model(CFG, batch_size=1))
+    assert not decoder.direct
+    (oracle,) = generate_naive(other, [[8, 1]], SamplingParams(**GREEDY), eos_token_id=None)
+    engine = Engine(other, max_batch_size=1)
+    engine._compiled = decoder
+    assert _run(engine, [[8, 1]], GREEDY) == [oracle]
+
+
+def test_a_failing_direct_call_leaves_calls_to_dynamo(model: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    decoder = compiled_decode.CompiledDecoder(model)
+
+    def refuse(self: compiled_decode.CompiledDecoder, *args: object) -> torch.Tensor:
+        raise TypeError("this torch's compiled functions take other arguments")
+
+    monkeypatch.setattr(compiled_decode.CompiledDecoder, "_call_direct", refuse)
+    decoder.warm_up(KVCache.for_model(CFG, batch_size=1))
+    assert not decoder.direct
+    engine = Engine(model, max_batch_size=1)
+    engine._compiled = decoder
+    (oracle,) = generate_naive(model, [[8, 2]], SamplingParams(**GREEDY), eos_token_id=None)
+    assert _run(engine, [[8, 2]], GREEDY) == [oracle]
 
 
 def test_a_lone_sequence_in_a_later_slot_decodes_compiled_and_equals_alone(

@@ -188,6 +188,21 @@ def test_rows_use_their_own_params_and_generators() -> None:
         sample(logits, params[:2])
 
 
+def test_a_given_argmax_serves_the_plain_greedy_rows_only() -> None:
+    """The compiled step hands over its argmax; plain greedy rows take it, penalized or sampled rows do not."""
+    logits = torch.zeros(3, 10)
+    logits[:, 4] = 1.0  # every row's own argmax is 4
+    given = torch.tensor([7, 8, 9])  # a stand-in argmax, to see which rows used it
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, repetition_penalty=1.5),
+        SamplingParams(temperature=0),
+    ]
+    assert sample(logits, params, argmax=given, output_ids=[[], [1], []], prompt_ids=[[], [], []]) == [7, 4, 9]
+    assert sample(logits[:1], params[0], argmax=given[:1]) == [7]
+    assert sample(logits, params, output_ids=[[], [1], []], prompt_ids=[[], [], []]) == [4, 4, 4]
+
+
 def test_token_logprobs_reports_the_model_distribution() -> None:
     logits = torch.stack([LOGITS, LOGITS.flip(0)])
     (lp0, top0), (lp1, top1) = token_logprobs(logits, [1, 0], top_n=2)

@@ -54,7 +54,9 @@ INDUCTOR_OPTIONS: dict[str, object] = {
     "size_asserts": False,
 }
 _KEYS = itertools.count()
-_STEPS: WeakKeyDictionary[torch.nn.Module, Callable[..., torch.Tensor]] = WeakKeyDictionary()
+_STEPS: WeakKeyDictionary[torch.nn.Module, tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], _Graph]] = (
+    WeakKeyDictionary()
+)
 
 
 def unavailable(device: torch.device, model: torch.nn.Module | None = None) -> str | None:
@@ -73,13 +75,62 @@ def unavailable(device: torch.device, model: torch.nn.Module | None = None) -> s
     return None
 
 
-def _forward(model: GPT, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, cache_len: int) -> torch.Tensor:
+def _forward(
+    model: GPT, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, cache_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     h = model.hidden_states(idx, input_pos=pos, kv_cache=cache, cache_len=cache_len)  # (1, 1, C)
-    return model.lm_head(h[:, -1])  # (1, V)
+    logits = model.lm_head(h[:, -1])  # (1, V)
+    return logits, logits.argmax(dim=-1)  # the greedy token (1,) too: inside the kernel, not a separate op
 
 
-def _compiled_for(model: GPT) -> Callable[..., torch.Tensor]:
-    """The compiled step of one model object, shared by its engines.
+class _Graph:
+    """What inductor built for one model's step, and how to call it without going through dynamo.
+
+    Dynamo's frame around a call (gathering ~150 parameters from the module tree, its wrappers) costs ~0.3-0.4 ms
+    a step, most of it in code and data gone cold while the kernel streamed the weights. The backend records
+    the compiled function and where each of its inputs comes from (a parameter, a layer's cached keys or
+    values, the token, the position, the cache length, a size), so `CompiledDecoder` can build the argument list
+    itself. `recipe` is None when an input could not be placed (then calls go through dynamo).
+    """
+
+    def __init__(self) -> None:
+        self.call_args: dict[str, object] | None = None  # the arguments of the call being compiled
+        self.fn: Callable[..., list[torch.Tensor]] | None = None
+        self.recipe: list[tuple[str, object]] | None = None
+
+    def backend(self, gm: torch.fx.GraphModule, example_inputs: list[object]) -> Callable[..., object]:
+        from torch._inductor.compile_fx import compile_fx
+
+        fn = compile_fx(gm, example_inputs, config_patches=_known(INDUCTOR_OPTIONS))
+        self.fn, self.recipe = fn, _recipe(example_inputs, self.call_args) if self.call_args else None
+        return fn
+
+
+def _recipe(inputs: list[object], call: dict[str, object]) -> list[tuple[str, object]] | None:
+    """Where each graph input comes from, by identity with the arguments of the call being compiled."""
+    model, cache = call["model"], call["cache"]
+    assert isinstance(model, torch.nn.Module) and isinstance(cache, KVCache)
+    places: dict[int, tuple[str, object]] = {id(t): ("const", t) for t in (*model.parameters(), *model.buffers())}
+    places.update({id(k): ("k", i) for i, k in enumerate(cache.k)})
+    places.update({id(v): ("v", i) for i, v in enumerate(cache.v)})
+    places.update({id(call["idx"]): ("idx", None), id(call["pos"]): ("pos", None)})
+    recipe: list[tuple[str, object]] = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            place = places.get(id(x))
+        elif isinstance(x, (int, torch.SymInt)):
+            value = int(x)
+            place = ("cache_len", None) if value == call["cache_len"] else ("int", value)  # else a cache size
+        else:
+            place = None
+        if place is None:
+            return None
+        recipe.append(place)
+    return recipe
+
+
+def _compiled_for(model: GPT) -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], _Graph]:
+    """The compiled step of one model object, shared by its engines, and what its backend recorded.
 
     Dynamo's guards are skipped (checking ~150 parameters and the cache costs ~0.3 ms a call, 2% of a step), so
     nothing would tell two models apart in one dynamo cache: each model gets its own copy of the function's
@@ -87,13 +138,15 @@ def _compiled_for(model: GPT) -> Callable[..., torch.Tensor]:
     calls with this model, a one-slot cache of its layout (any length: the sizes are symbolic) and under
     inference mode. Do not restructure or re-prepare the model after compiling it.
     """
-    step = _STEPS.get(model)
-    if step is None:
+    compiled = _STEPS.get(model)
+    if compiled is None:
         code = _forward.__code__.replace(co_name=f"_forward_{next(_KEYS)}")
         fn = types.FunctionType(code, _forward.__globals__, code.co_name)
-        options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe, **_known(INDUCTOR_OPTIONS)}
-        step = _STEPS[model] = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
-    return step
+        graph = _Graph()
+        options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+        step = torch.compile(fn, dynamic=True, fullgraph=True, backend=graph.backend, options=options)
+        compiled = _STEPS[model] = (step, graph)
+    return compiled
 
 
 def _known(options: dict[str, object]) -> dict[str, object]:
@@ -107,7 +160,7 @@ def _known(options: dict[str, object]) -> dict[str, object]:
 
 
 class CompiledDecoder:
-    """`decoder(idx, pos, cache, cache_len)` -> logits (1, V) for one token of one sequence.
+    """`decoder(idx, pos, cache, cache_len)` -> (logits (1, V), greedy token (1,)) for one token of one sequence.
 
     Args:
         model: the GPT the engine serves (after `prepare_for_inference`: its one-row linears compile to
@@ -119,8 +172,14 @@ class CompiledDecoder:
 
     def __init__(self, model: GPT) -> None:
         self.model = model
-        self._step = _compiled_for(model)
+        self._step, self._graph = _compiled_for(model)
         self.compile_s: float | None = None
+        self.direct = False  # whether calls skip dynamo (set by warm_up once the direct call is checked)
+        self._shape: torch.Size | None = None  # the cache layout the direct call was checked on
+        self._args: dict[int, tuple[KVCache, list[object]]] = {}  # id(cache) -> (cache, argument list)
+        self._ints: list[torch.Tensor] = []  # 0-d tensors 0..S for the integer inputs (no tensor made per call)
+        self._positions: list[torch.Tensor] = []  # (1, 1) position tensors 0..S-1, for `position`
+        self._at: dict[str, list[int]] = {}  # where the token, position and cache length go in the argument list
 
     def warm_up(self, like: KVCache) -> None:
         """Compile (or load from inductor's cache) on a scratch cache shaped like one of `like`'s slots."""
@@ -133,10 +192,84 @@ class CompiledDecoder:
         with torch.inference_mode():
             for n in (2, 3):  # not 1: dynamo would specialize the graph to a length of 1; then one compiled run
                 idx = torch.zeros(1, 1, dtype=torch.long, device=device)
-                self._step(self.model, idx, torch.tensor([[n - 1]], device=device), scratch.view(slice(0, 1)), n)
+                pos = torch.tensor([[n - 1]], device=device)
+                cache = scratch.view(slice(0, 1))
+                self._graph.call_args = dict(model=self.model, idx=idx, pos=pos, cache=cache, cache_len=n)
+                try:
+                    expected = self._step(self.model, idx, pos, cache, n)
+                finally:
+                    self._graph.call_args = None
+            self.direct = self._check_direct(idx, pos, scratch, expected)
+            self._positions = [torch.tensor([[n]], device=device) for n in range(like.max_seq_len)]
         self.compile_s = time.perf_counter() - t
-        logger.info("compiled the batch-1 decode step in %.1f s", self.compile_s)
+        logger.info(
+            "compiled the batch-1 decode step in %.1f s (%s)", self.compile_s, "direct" if self.direct else "dynamo"
+        )
 
-    def __call__(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, cache_len: int) -> torch.Tensor:
-        """Logits (1, V) of token `idx` (1, 1) at position `pos` (1, 1) = cache_len - 1 of a one-slot `cache`."""
+    def position(self, n: int) -> torch.Tensor:
+        """Position `n` as the (1, 1) tensor a call takes (made once: a new tensor costs ~50 us a step, cold)."""
+        return self._positions[n] if 0 <= n < len(self._positions) else torch.tensor([[n]])
+
+    def _check_direct(
+        self, idx: torch.Tensor, pos: torch.Tensor, scratch: KVCache, expected: tuple[torch.Tensor, torch.Tensor]
+    ) -> bool:
+        """Whether calling the compiled graph directly gives the logits dynamo's call gave (the last step, again)."""
+        if self._graph.fn is None or self._graph.recipe is None:
+            logger.info("calls to the compiled step go through dynamo: its inputs could not all be placed")
+            return False
+        recipe = self._graph.recipe
+        self._at = {kind: [i for i, (k, _) in enumerate(recipe) if k == kind] for kind in ("idx", "pos", "cache_len")}
+        if len(self._at["idx"]) != 1 or len(self._at["pos"]) != 1:
+            return False
+        self._shape = scratch.k[0].shape
+        self._ints = [torch.tensor(n) for n in range(scratch.max_seq_len + 1)]
+        try:
+            again = self._call_direct(idx, pos, scratch, int(pos) + 1)
+        except Exception as exc:  # a torch whose compiled functions take other arguments
+            logger.info("calls to the compiled step go through dynamo: the direct call failed: %s", exc)
+            again = None
+        self._args.clear()
+        if again is None or not all(torch.equal(a, b) for a, b in zip(again, expected, strict=True)):
+            self._shape = None
+            return False
+        return True
+
+    def _call_direct(
+        self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, cache_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self._args.get(id(cache))
+        if entry is None or entry[0] is not cache:
+            if len(self._args) > 64:  # callers that make a new view per call
+                self._args.clear()
+            entry = self._args[id(cache)] = (cache, self._arguments(cache))
+        args = list(entry[1])
+        args[self._at["idx"][0]], args[self._at["pos"][0]] = idx, pos
+        for i in self._at["cache_len"]:
+            args[i] = self._ints[cache_len]
+        assert self._graph.fn is not None
+        logits, token = self._graph.fn(*args)
+        return logits, token
+
+    def _arguments(self, cache: KVCache) -> list[object]:
+        """The graph's inputs for `cache`, with the token, position and length left to fill in."""
+        assert self._graph.recipe is not None
+        args: list[object] = []
+        for kind, what in self._graph.recipe:
+            if kind == "const":
+                args.append(what)
+            elif kind in ("k", "v"):
+                args.append((cache.k if kind == "k" else cache.v)[what])  # type: ignore[index]
+            elif kind == "int":
+                args.append(self._ints[what] if 0 <= what < len(self._ints) else what)  # type: ignore[operator,index]
+            else:
+                args.append(None)  # the token, position or length: filled in per call
+        return args
+
+    def __call__(
+        self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, cache_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (1, V) of token `idx` (1, 1) at position `pos` (1, 1) = cache_len - 1 of a one-slot `cache`, and
+        their argmax (1,)."""
+        if self.direct and cache.k[0].shape == self._shape:
+            return self._call_direct(idx, pos, cache, cache_len)
         return self._step(self.model, idx, pos, cache, cache_len)

@@ -590,11 +590,12 @@ class Engine:
             slot, length = seq.slot, seq.length
             assert slot is not None
             idx = torch.tensor([[seq.output[-1]]], dtype=torch.long, device=self.device)  # (1, 1)
-            pos = torch.tensor([[length - 1]], dtype=torch.long, device=self.device)  # (1, 1)
+            pos = self._compiled.position(length - 1)  # (1, 1)
             cache = self._slot_caches.get(slot)
             if cache is None:
                 cache = self._slot_caches[slot] = self.cache.view(slice(slot, slot + 1))
-            return self._advance(seqs, self._compiled(idx, pos, cache, length))
+            logits, greedy = self._compiled(idx, pos, cache, length)
+            return self._advance(seqs, logits, greedy=greedy)
         n = max(s.slot for s in seqs) + 1  # type: ignore[type-var]
         tokens = [0] * n  # free slots in range decode a dummy token at position 0 (overwritten on reuse)
         positions = [0] * n
@@ -610,8 +611,9 @@ class Engine:
             logits = logits[[s.slot for s in seqs]]  # type: ignore[misc]
         return self._advance(seqs, logits)
 
-    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[Event]:
-        """Draw a token per row of logits (B, V), check stop conditions, emit events."""
+    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor, greedy: torch.Tensor | None = None) -> list[Event]:
+        """Draw a token per row of logits (B, V), check stop conditions, emit events. `greedy`: the rows' argmax
+        (B,) when already computed (the compiled step's)."""
         params = [s.params for s in seqs]
         needs_history = any(p.has_penalties for p in params)
         tokens = sample(
@@ -620,6 +622,7 @@ class Engine:
             generators=[s.generator for s in seqs],
             output_ids=[s.output for s in seqs] if needs_history else None,
             prompt_ids=[s.prompt for s in seqs] if needs_history else None,
+            argmax=greedy,
         )
         lp_rows = [i for i, p in enumerate(params) if p.logprobs]
         row_logprobs: dict[int, TokenLogprob] = {}

@@ -271,11 +271,13 @@ def sample(
     generators: Sequence[torch.Generator | None] | None = None,
     output_ids: Sequence[Sequence[int]] | None = None,
     prompt_ids: Sequence[Sequence[int]] | None = None,
+    argmax: torch.Tensor | None = None,
 ) -> list[int]:
     """Draw one token id per row of `logits` (B, V), each row with its own params and generator.
 
-    Greedy rows without penalties share one batched argmax; other rows are drawn one by one.
-    `output_ids` / `prompt_ids` give each row's history for the penalties.
+    Greedy rows without penalties share one batched argmax (or take `argmax` (B,), the rows' argmax when the
+    caller has it already); other rows are drawn one by one. `output_ids` / `prompt_ids` give each row's history
+    for the penalties.
     """
     if logits.dim() == 1:
         logits = logits.unsqueeze(0)
@@ -289,8 +291,11 @@ def sample(
     result = [0] * B
     plain_greedy = [i for i, p in enumerate(row_params) if p.greedy and not p.has_penalties]
     if plain_greedy:
-        rows = logits if len(plain_greedy) == B else logits[plain_greedy]
-        for i, token in zip(plain_greedy, rows.argmax(dim=-1).tolist(), strict=True):
+        if argmax is not None:
+            tops = argmax.view(-1)[plain_greedy] if len(plain_greedy) < B else argmax.view(-1)
+        else:
+            tops = (logits if len(plain_greedy) == B else logits[plain_greedy]).argmax(dim=-1)
+        for i, token in zip(plain_greedy, tops.tolist(), strict=True):
             result[i] = token
     for i, p in enumerate(row_params):
         if not (p.greedy and not p.has_penalties):
