@@ -97,8 +97,9 @@ def test_torchrun_trains_with_ddp_over_nccl(tmp_path, corpus, tinyllm_home):
     """One GPU here, so one process: the NCCL group, DDP's all-reduce and rank 0's files all run."""
     run = tmp_path / "ddp"
     nproc = torch.cuda.device_count()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-           "tinyllm", "train", "--data", str(corpus), "--preset", "seed", "--block-size", "16", "--batch-size", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--log-dir", str(tmp_path / "torchrun"), "-m", "tinyllm", "train", "--data", str(corpus),
+           "--preset", "seed", "--block-size", "16", "--batch-size", "2",
            "--max-steps", "4", "--eval-interval", "2", "--eval-iters", "2", "--device", "cuda", "--run-dir", str(run),
            "--no-progress"]  # fmt: skip
     env = {**os.environ, "TINYLLM_HOME": str(tinyllm_home)}

@@ -211,8 +211,9 @@ def test_with_a_time_budget_the_lr_schedule_and_evaluations_follow_the_clock(tmp
 
 def test_torchrun_two_processes_train_with_ddp_and_rank0_writes_one_checkpoint(tmp_path, corpus, tinyllm_home):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tinyllm",
-           "train", "--data", str(corpus), "--preset", "seed", "--block-size", "16", "--batch-size", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--log-dir", str(tmp_path / "torchrun"), "-m", "tinyllm", "train", "--data", str(corpus),
+           "--preset", "seed", "--block-size", "16", "--batch-size", "2",
            "--max-steps", "4", "--eval-interval", "2", "--eval-iters", "2", "--device", "cpu", "--run-dir", str(run),
            "--no-progress"]  # fmt: skip
     env = {**os.environ, "TINYLLM_HOME": str(tinyllm_home), "OMP_NUM_THREADS": "1"}

@@ -4,8 +4,11 @@ Decoding one sequence is memory-bound: each token reads every weight once. Eager
 oneDNN call (a thread fork/join, an opaque kernel) and each layer costs Python dispatch. Compiled, the whole
 step is one C++ function of ~4 parallel regions in which a one-row linear is a multiply-and-sum over the
 weight (`OneDNNLinear.forward` under compilation) that inductor turns into a streaming reduction, fused
-with what computes its input; attention is plain math on the cached keys. Same fp32 weights, same math in
-another summation order: greedy ids equal the eager engine's (tested), logits to ~1e-5.
+with what computes its input; attention is plain math on the cached keys; the step also returns the argmax
+(the greedy token) so the engine does not run one more op over the logits. Same fp32 weights, same math in
+another summation order: greedy ids equal the eager engine's (tested), logits to ~1e-5. After warm-up, calls
+skip dynamo's frame: the compiled graph is called with an argument list the decoder builds itself (see
+`_Graph`), checked bit-equal with dynamo's call first.
 
 It needs a C++ compiler and torch's headers at run time (inductor writes and builds C++). The first compile
 takes 20-60 s on 2 cores; later processes reuse inductor's on-disk cache. `unavailable()` says why it cannot
