@@ -104,6 +104,7 @@ def test_the_direct_call_equals_dynamos_call(model: GPT) -> None:
             idx, pos = torch.tensor([[n * 7 % 97]]), torch.tensor([[n - 1]])
             assert torch.equal(decoder.position(n - 1), pos)  # made once at warm-up, as the engine passes it
             direct = decoder(idx, decoder.position(n - 1), direct_slot, n)
+            assert decoder._args[id(direct_slot)][0] is direct_slot  # it took the direct call, not dynamo's
             through_dynamo = decoder._step(model, idx, pos, dynamo_slot, n)
             assert all(torch.equal(a, b) for a, b in zip(direct, through_dynamo, strict=True))
     for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):

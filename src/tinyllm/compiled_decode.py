@@ -177,8 +177,7 @@ class CompiledDecoder:
         self.model = model
         self._step, self._graph = _compiled_for(model)
         self.compile_s: float | None = None
-        self.direct = False  # whether calls skip dynamo (set by warm_up once the direct call is checked)
-        self._shape: torch.Size | None = None  # the cache layout the direct call was checked on
+        self._shape: torch.Size | None = None  # the cache layout the direct call was checked on (None: not direct)
         self._args: dict[int, tuple[KVCache, list[object]]] = {}  # id(cache) -> (cache, argument list)
         self._ints: list[torch.Tensor] = []  # 0-d tensors 0..S for the integer inputs (no tensor made per call)
         self._positions: list[torch.Tensor] = []  # (1, 1) position tensors 0..S-1, for `position`
@@ -202,12 +201,17 @@ class CompiledDecoder:
                     expected = self._step(self.model, idx, pos, cache, n)
                 finally:
                     self._graph.call_args = None
-            self.direct = self._check_direct(idx, pos, scratch, expected)
+            self._check_direct(idx, pos, scratch, expected)
             self._positions = [torch.tensor([[n]], device=device) for n in range(like.max_seq_len)]
         self.compile_s = time.perf_counter() - t
         logger.info(
             "compiled the batch-1 decode step in %.1f s (%s)", self.compile_s, "direct" if self.direct else "dynamo"
         )
+
+    @property
+    def direct(self) -> bool:
+        """Whether calls skip dynamo (after warm-up checked the direct call on this cache layout)."""
+        return self._shape is not None
 
     def position(self, n: int) -> torch.Tensor:
         """Position `n` as the (1, 1) tensor a call takes (made once: a new tensor costs ~50 us a step, cold)."""
@@ -215,27 +219,30 @@ class CompiledDecoder:
 
     def _check_direct(
         self, idx: torch.Tensor, pos: torch.Tensor, scratch: KVCache, expected: tuple[torch.Tensor, torch.Tensor]
-    ) -> bool:
-        """Whether calling the compiled graph directly gives the logits dynamo's call gave (the last step, again)."""
-        if self._graph.fn is None or self._graph.recipe is None:
-            logger.info("calls to the compiled step go through dynamo: its inputs could not all be placed")
-            return False
+    ) -> None:
+        """Turn the direct call on if it gives what dynamo's call gave (the last warm-up step, again)."""
         recipe = self._graph.recipe
+        if self._graph.fn is None or recipe is None:
+            logger.info("calls to the compiled step go through dynamo: its inputs could not all be placed")
+            return
         self._at = {kind: [i for i, (k, _) in enumerate(recipe) if k == kind] for kind in ("idx", "pos", "cache_len")}
         if len(self._at["idx"]) != 1 or len(self._at["pos"]) != 1:
-            return False
+            logger.info("calls to the compiled step go through dynamo: no single token and position input")
+            return
         self._shape = scratch.k[0].shape
         self._ints = [torch.tensor(n) for n in range(scratch.max_seq_len + 1)]
         try:
             again = self._call_direct(idx, pos, scratch, int(pos) + 1)
+            same = all(torch.equal(a, b) for a, b in zip(again, expected, strict=True))
         except Exception as exc:  # a torch whose compiled functions take other arguments
             logger.info("calls to the compiled step go through dynamo: the direct call failed: %s", exc)
-            again = None
-        self._args.clear()
-        if again is None or not all(torch.equal(a, b) for a, b in zip(again, expected, strict=True)):
+            same = False
+        else:
+            if not same:
+                logger.info("calls to the compiled step go through dynamo: the direct call gave other logits")
+        self._args.clear()  # the scratch cache's entry
+        if not same:
             self._shape = None
-            return False
-        return True
 
     def _call_direct(
         self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, cache_len: int
