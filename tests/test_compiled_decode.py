@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from tinyllm import compiled_decode
+from tinyllm import compiled_decode, fused_decode
 from tinyllm.config import ModelConfig
 from tinyllm.engine import Engine, Request, generate, generate_naive, stream
 from tinyllm.kv_cache import KVCache
@@ -19,6 +19,7 @@ from tinyllm.sampling import SamplingParams
 
 CFG = ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
 GREEDY = dict(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+CPU = torch.device("cpu")
 
 pytestmark = pytest.mark.skipif(
     compiled_decode.unavailable(torch.device("cpu")) is not None, reason="no C++ toolchain for inductor here"
@@ -58,7 +59,7 @@ def _run(engine: Engine, prompts: list[list[int]], params: dict) -> list[list[in
 
 def test_compiled_greedy_equals_eager_and_the_oracle(model: GPT, compiled_steps: list[int]) -> None:
     prompt = [5, 17, 3, 42, 8]
-    engine = Engine(model, max_batch_size=1, compile=True)
+    engine = Engine(model, max_batch_size=1, compile="inductor")
     assert engine.compiled
     (compiled,) = _run(engine, [prompt], GREEDY)
     # the prefill draws the first token; each of the other 23 came from a compiled step, at lengths 6..28
@@ -143,7 +144,7 @@ def test_a_lone_sequence_in_a_later_slot_decodes_compiled_and_equals_alone(
     model: GPT, compiled_steps: list[int]
 ) -> None:
     """Two short requests fill slots 0 and 1 and finish; the long one in slot 2 goes on alone (compiled)."""
-    engine = Engine(model, max_batch_size=4, compile=True)
+    engine = Engine(model, max_batch_size=4, compile="inductor")
     short = dict(temperature=0.0, max_new_tokens=2, ignore_eos=True)
     handles = [engine.submit(Request(prompt=[9, 9], params=SamplingParams(**short))) for _ in range(2)]
     long = engine.submit(Request(prompt=[4, 8, 15, 16, 23, 42], params=SamplingParams(**GREEDY)))
@@ -157,8 +158,8 @@ def test_a_lone_sequence_in_a_later_slot_decodes_compiled_and_equals_alone(
 
 def test_seeded_sampling_is_reproducible_when_compiled(model: GPT) -> None:
     params = dict(temperature=1.0, top_k=20, seed=1234, max_new_tokens=20, ignore_eos=True)
-    first = _run(Engine(model, max_batch_size=1, compile=True), [[3, 1, 4]], params)
-    second = _run(Engine(model, max_batch_size=1, compile=True), [[3, 1, 4]], params)
+    first = _run(Engine(model, max_batch_size=1, compile="inductor"), [[3, 1, 4]], params)
+    second = _run(Engine(model, max_batch_size=1, compile="inductor"), [[3, 1, 4]], params)
     assert first == second
 
 
@@ -168,7 +169,7 @@ def test_each_model_gets_its_own_compiled_step(model: GPT, compiled_steps: list[
     other = _model(1)
     wider = _model(2, ModelConfig(vocab_size=97, block_size=64, n_layer=3, n_head=4, n_embd=64))
     for m in (model, other, wider, model):
-        (compiled,) = _run(Engine(m, max_batch_size=1, compile=True), [[2, 7, 1, 8]], GREEDY)
+        (compiled,) = _run(Engine(m, max_batch_size=1, compile="inductor"), [[2, 7, 1, 8]], GREEDY)
         (oracle,) = generate_naive(m, [[2, 7, 1, 8]], SamplingParams(**GREEDY), eos_token_id=None)
         assert compiled == oracle
     assert len(compiled_steps) == 4 * 23
@@ -176,9 +177,9 @@ def test_each_model_gets_its_own_compiled_step(model: GPT, compiled_steps: list[
 
 def test_stream_and_generate_take_compile(model: GPT, compiled_steps: list[int]) -> None:
     params = SamplingParams(**GREEDY)
-    streamed = [t for e in stream(model, [6, 6, 6], params, eos_token_id=None, compile=True) for t in e.token_ids]
+    streamed = [t for e in stream(model, [6, 6, 6], params, eos_token_id=None, compile="inductor") for t in e.token_ids]
     assert len(compiled_steps) == 23
-    (generated,) = generate(model, [[6, 6, 6]], params, eos_token_id=None, compile=True)
+    (generated,) = generate(model, [[6, 6, 6]], params, eos_token_id=None, compile="inductor")
     assert len(compiled_steps) == 46
     (eager,) = generate(model, [[6, 6, 6]], params, eos_token_id=None)
     assert streamed == generated.token_ids == eager.token_ids
@@ -192,7 +193,7 @@ def test_unavailable_falls_back_to_eager_with_the_reason(
     reason = compiled_decode.unavailable(torch.device("cpu"))
     assert reason is not None and "C++ compiler" in reason
     with caplog.at_level(logging.WARNING, logger="tinyllm.engine"):
-        engine = Engine(_model(3), max_batch_size=1, compile=True)
+        engine = Engine(_model(3), max_batch_size=1, compile="inductor")
     assert not engine.compiled
     assert "decoding eagerly: no C++ compiler" in caplog.text
     assert len(_run(engine, [[1, 2]], GREEDY)[0]) == 24  # and it still generates
@@ -207,9 +208,9 @@ def test_a_failing_compile_leaves_the_engine_eager(
 
     monkeypatch.setattr(compiled_decode.CompiledDecoder, "warm_up", broken)
     with caplog.at_level(logging.WARNING, logger="tinyllm.engine"):
-        engine = Engine(model, max_batch_size=2, compile=True)
+        engine = Engine(model, max_batch_size=2, compile="inductor")
     assert not engine.compiled
-    assert "compiling the decode step failed: C++ compile error: boom" in caplog.text
+    assert "decoding eagerly: building the inductor decode step failed: C++ compile error: boom" in caplog.text
     (oracle,) = generate_naive(model, [[5, 5]], SamplingParams(**GREEDY), eos_token_id=None)
     assert _run(engine, [[5, 5]], GREEDY) == [oracle]
 
@@ -253,7 +254,10 @@ def test_the_server_compiles_in_the_background_and_answers_the_same() -> None:
                 if client.get("/ready").json()["models"]["custom"].get("decode") == "compiled":
                     break
                 time.sleep(0.1)
-            assert client.get("/ready").json()["models"]["custom"]["decode"] == ("compiled" if compile else "eager")
+            info = client.get("/ready").json()["models"]["custom"]
+            assert info["decode"] == ("compiled" if compile else "eager")
+            c_here = fused_decode.unavailable(CPU) is None
+            assert info["decode_step"] == (("c" if c_here else "inductor") if compile else "eager")
             answers[compile] = client.post("/generate/custom", json=body).json()["generated_text"]
     assert answers[True] == answers[False] and len(answers[True]) > len(body["prompt"])
 
@@ -263,7 +267,7 @@ def test_lossy_modes_compile_or_say_why(options: dict, compiled_steps: list[int]
     """bf16 and int8 weight-only compile (same greedy ids as their eager selves); int8-dynamic stays eager."""
     torch.manual_seed(0)
     lossy = prepare_for_inference(GPT(CFG).eval(), **options)
-    engine = Engine(lossy, max_batch_size=1, compile=True)
+    engine = Engine(lossy, max_batch_size=1, compile="inductor")
     (eager,) = _run(Engine(lossy, max_batch_size=1), [[3, 14, 15]], GREEDY)
     assert _run(engine, [[3, 14, 15]], GREEDY) == [eager]
     assert engine.compiled is (options.get("quantize") != "int8-dynamic")

@@ -173,6 +173,8 @@ class CompiledDecoder:
     engine's cache: a scratch cache of the same shape is written, never the engine's.
     """
 
+    kind = "inductor"
+
     def __init__(self, model: GPT) -> None:
         self.model = model
         self._step, self._graph = _compiled_for(model)
@@ -274,6 +276,11 @@ class CompiledDecoder:
             else:
                 args.append(None)  # the token, position or length: filled in per call
         return args
+
+    def decode(self, token: int, cache: KVCache, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (1, V) of `token` at position `length - 1` of a one-slot `cache`, and their argmax (1,)."""
+        idx = torch.tensor([[token]], dtype=torch.long, device=cache.k[0].device)  # (1, 1)
+        return self(idx, self.position(length - 1), cache, length)
 
     def __call__(
         self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, cache_len: int

@@ -4,8 +4,9 @@ An `Engine` owns a model and one `KVCache` of N slots. `submit` queues a request
 waiting requests into free slots (prefilling each into its slot), runs one batched decode step for every
 active slot (each at its own position), emits per-request events and retires the finished. `generate` and
 `stream` are thin loops over an Engine; `generate_naive` re-runs the whole context every token and is the
-oracle the tests hold the engine to. `compile=True` (or `compile_decode()`) compiles the step that decodes a
-lone sequence (`tinyllm.compiled_decode`); the other steps stay eager.
+oracle the tests hold the engine to. `compile=True` (or `compile_decode()`) builds a faster step for decoding a
+lone sequence: the fp32 step written in C (`tinyllm.fused_decode`), else the one `torch.compile` builds
+(`tinyllm.compiled_decode`, which also runs bf16 and int8); the other steps stay eager.
 
 Threading: one thread (a server's worker) owns the Engine and loops `step()` or `run()`; any thread may
 `submit`, `cancel` and consume a request's events (a `queue.Queue` per request, or a callback).
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import torch
 from torch import nn
 
-from tinyllm import compiled_decode
+from tinyllm import compiled_decode, fused_decode
 from tinyllm.errors import TinyLLMError
 from tinyllm.kv_cache import KVCache
 from tinyllm.quantize import huge_page_zeros, pack_for_batches, prepare_for_inference
@@ -39,6 +40,7 @@ from tinyllm.sampling import SamplingError, SamplingParams, make_generator, samp
 
 if TYPE_CHECKING:
     from tinyllm.compiled_decode import CompiledDecoder
+    from tinyllm.fused_decode import FusedDecoder
     from tinyllm.model import GPT
 
 __all__ = [
@@ -60,6 +62,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+DecodeStep = Literal["c", "inductor"]
+DECODE_STEPS: tuple[DecodeStep, ...] = ("c", "inductor")
 
 
 class PromptTooLongError(TinyLLMError):
@@ -349,8 +353,9 @@ class Engine:
         eos_token_id: the end-of-text id (None: no EOS).
         tokenizer: something with `incremental_decoder()` (tinyllm's Tokenizer) for text and stop strings.
         decode: alternatively a plain `decode(ids) -> str`.
-        compile: compile the batch-1 decode step now (`compile_decode`; seconds to a minute, CPU only): steps
-            that decode a single sequence then run it, the others stay eager.
+        compile: build the batch-1 decode step now (`compile_decode`; CPU only): steps that decode a single
+            sequence then run it, the others stay eager. True picks the fastest step that runs this model
+            ("c", else "inductor"); "c" or "inductor" asks for one.
     """
 
     def __init__(
@@ -363,7 +368,7 @@ class Engine:
         eos_token_id: int | None = None,
         tokenizer: TextCodec | None = None,
         decode: Callable[[list[int]], str] | None = None,
-        compile: bool = False,
+        compile: bool | DecodeStep = False,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
@@ -396,28 +401,40 @@ class Engine:
         self._ids = itertools.count()
         self.steps = 0
         self.tokens_generated = 0
-        self._compiled: CompiledDecoder | None = None  # set once compiled and warmed up
+        self._compiled: FusedDecoder | CompiledDecoder | None = None  # set once built and warmed up
         self._slot_caches: dict[int, KVCache] = {}  # one-slot views of the cache, for the compiled step
         if compile:
-            self.compile_decode()
+            self.compile_decode(step="auto" if compile is True else compile)
 
-    def compile_decode(self, *, background: bool = False) -> str | None:
-        """Compile the batch-1 decode step (see `tinyllm.compiled_decode`); until it is ready, and if it fails,
-        decoding stays eager. Returns why it cannot be compiled here, or None. `background`: compile on a daemon
-        thread (a server keeps serving meanwhile)."""
-        reason = compiled_decode.unavailable(self.device, self.model)
-        if reason is not None:
+    def compile_decode(self, *, background: bool = False, step: DecodeStep | Literal["auto"] = "auto") -> str | None:
+        """Build the batch-1 decode step: `step` "c" (fp32 models, `tinyllm.fused_decode`), "inductor" (any
+        float or int8-weight model, `tinyllm.compiled_decode`) or "auto" (the first of those that runs this
+        model and builds). Until it is ready, and if it fails, decoding stays eager. Returns why none can be
+        built here, or None. `background`: build on a daemon thread (a server keeps serving meanwhile)."""
+        if step not in ("auto", *DECODE_STEPS):
+            raise ValueError(f"step must be 'auto' or one of {', '.join(DECODE_STEPS)}, got {step!r}")
+        candidates, reasons = [], []
+        for name, module in (("c", fused_decode), ("inductor", compiled_decode)):
+            if step in ("auto", name):
+                reason = module.unavailable(self.device, self.model)
+                (reasons if reason else candidates).append(reason or name)
+        if not candidates:
+            reason = "; ".join(reasons)
             logger.warning("decoding eagerly: %s", reason)
             return reason
 
         def build() -> None:
-            try:
-                decoder = compiled_decode.CompiledDecoder(self.model)
-                decoder.warm_up(self.cache)
-            except Exception as exc:  # a compiler or inductor failure must not take the engine down
-                logger.warning("decoding eagerly: compiling the decode step failed: %s", exc)
+            for i, name in enumerate(candidates):
+                try:
+                    make = fused_decode.FusedDecoder if name == "c" else compiled_decode.CompiledDecoder
+                    decoder = make(self.model)
+                    decoder.warm_up(self.cache)
+                except Exception as exc:  # a compiler or inductor failure must not take the engine down
+                    then = f"trying {candidates[i + 1]}" if i + 1 < len(candidates) else "decoding eagerly"
+                    logger.warning("%s: building the %s decode step failed: %s", then, name, exc)
+                    continue
+                self._compiled = decoder
                 return
-            self._compiled = decoder
 
         if background:
             threading.Thread(target=build, name="tinyllm-compile-decode", daemon=True).start()
@@ -427,8 +444,13 @@ class Engine:
 
     @property
     def compiled(self) -> bool:
-        """Whether single-sequence decode steps run the compiled step."""
+        """Whether single-sequence decode steps run a built step (C or inductor)."""
         return self._compiled is not None
+
+    @property
+    def decode_step(self) -> str:
+        """Which step decodes a lone sequence: "c", "inductor" or "eager"."""
+        return self._compiled.kind if self._compiled is not None else "eager"
 
     # -- metrics -------------------------------------------------------------------------------------------------
 
@@ -587,14 +609,12 @@ class Engine:
         """One batched decode step over the slots 0..max(slot): each row fed its last token at its position."""
         if len(seqs) == 1 and self._compiled is not None:
             (seq,) = seqs
-            slot, length = seq.slot, seq.length
+            slot = seq.slot
             assert slot is not None
-            idx = torch.tensor([[seq.output[-1]]], dtype=torch.long, device=self.device)  # (1, 1)
-            pos = self._compiled.position(length - 1)  # (1, 1)
             cache = self._slot_caches.get(slot)
             if cache is None:
                 cache = self._slot_caches[slot] = self.cache.view(slice(slot, slot + 1))
-            logits, greedy = self._compiled(idx, pos, cache, length)
+            logits, greedy = self._compiled.decode(seq.output[-1], cache, seq.length)  # (1, V), (1,)
             return self._advance(seqs, logits, greedy=greedy)
         n = max(s.slot for s in seqs) + 1  # type: ignore[type-var]
         tokens = [0] * n  # free slots in range decode a dummy token at position 0 (overwritten on reuse)
@@ -762,7 +782,7 @@ def generate(
     max_batch_size: int | None = None,
     max_seq_len: int | None = None,
     truncate: bool = False,
-    compile: bool = False,
+    compile: bool | DecodeStep = False,
 ) -> list[GenerationResult]:
     """Generate for a batch of prompts of any lengths, each with its own params; results in prompt order.
 
@@ -801,7 +821,7 @@ def stream(
     decode: Callable[[list[int]], str] | None = None,
     max_seq_len: int | None = None,
     truncate: bool = False,
-    compile: bool = False,
+    compile: bool | DecodeStep = False,
 ) -> Iterator[Event]:
     """Generate for one prompt on the calling thread, yielding an `Event` per token (the last one finished)."""
     engine = Engine(

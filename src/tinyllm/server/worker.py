@@ -206,6 +206,7 @@ class ModelWorker:
                 max_queue=self.engine.max_queue,
                 source=str(self.loaded.meta.get("source", "")) or None,
                 decode="compiled" if self.engine.compiled else "eager",  # a lone request's decode step
+                decode_step=self.engine.decode_step,  # which: "c", "inductor" or "eager"
             )
         return info
 

@@ -1,0 +1,284 @@
+"""A batch-1 fp32 decode step written in C: every layer and the head in one OpenMP parallel region.
+
+Decoding one sequence reads every weight once per token, so a step is as fast as it streams the weights. The
+step `torch.compile` builds (`tinyllm.compiled_decode`) streams them at ~88% of the machine's read bandwidth:
+inductor splits a layer into ~17 phases with a barrier between each, and a one-row reduction has one
+accumulator. `csrc/decode_step.c` is the same math in 5 phases a layer (q/k/v, attention, projection, MLP in,
+MLP out), each thread streaming one contiguous run of rows of each matrix with two accumulators and computing
+the LayerNorms it needs itself; measured here it streams at the speed of a plain `sum` over the same bytes.
+It reads the model's own fp32 weights in place (no copy) and writes the engine's KV cache in place.
+
+Same fp32 weights, same math in another summation order (like the compiled step): greedy ids equal the eager
+engine's (tested), logits to ~1e-5; `warm_up` checks one step against the eager model before it is used.
+Built once per CPU model with the system C compiler (`$CC`, else cc/gcc/clang; -O3 -march=native -fopenmp,
+about a second) into tinyllm's cache (`$TINYLLM_HOME/kernels`), loaded with ctypes, which releases the GIL
+during the call. Where it cannot run (another dtype, no compiler, not CPU) `unavailable` says why and the
+engine uses the compiled step or eager decoding.
+
+Shapes: C channels, V vocabulary, H heads, S cache positions, D head size, L layers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from tinyllm.assets import tinyllm_home
+from tinyllm.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from tinyllm.model import GPT
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_step.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")  # compilers without -march=native
+MAX_THREADS = 256  # the C side's limit (csrc/decode_step.c)
+_LOCK = threading.Lock()
+_LIBRARY: ctypes.CDLL | None = None
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _linears(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
+
+
+def unavailable(device: torch.device, model: nn.Module | None = None) -> str | None:
+    """Why the C decode step cannot run here (for `model`, when given), or None when it can."""
+    if device.type != "cpu":
+        return f"the C decode step is built for CPU decoding; this model is on {device.type}"
+    if not SOURCE.is_file():
+        return f"the C decode step's source is missing ({SOURCE})"
+    if _compiler() is None:
+        return "no C compiler found (install gcc, or set $CC)"
+    if model is not None:
+        tensors = [*model.parameters(), *model.buffers()]
+        if any(t.dtype != torch.float32 for t in tensors):
+            return "the C decode step runs float32 models (bfloat16 and int8 use the compiled step)"
+        if any(type(m).__module__.startswith("torch.ao") for m in model.modules()):
+            return "the C decode step runs float32 models (int8 layers use the compiled step)"
+        try:
+            _weights(model)  # type: ignore[arg-type]
+        except (AttributeError, TypeError, ValueError) as exc:
+            return f"the C decode step does not know this model's layout: {exc}"
+    return None
+
+
+def _cpu() -> bytes:
+    """What -march=native depends on: the CPU's model and feature flags (a library built for one CPU may not run
+    on another, e.g. in a home directory shared between machines)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        info = []
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in info if line.split(":")[0].strip() in wanted})).encode() or (
+        platform.processor().encode()
+    )
+
+
+def _build() -> ctypes.CDLL:
+    """Compile `csrc/decode_step.c` once per source, compiler and CPU; load it (cached in the process)."""
+    global _LIBRARY
+    with _LOCK:
+        if _LIBRARY is not None:
+            return _LIBRARY
+        compiler = _compiler()
+        if compiler is None:
+            raise RuntimeError("no C compiler found (install gcc, or set $CC)")
+        source = SOURCE.read_bytes()
+        parts = [source, compiler.encode(), platform.machine().encode(), _cpu(), *map(str.encode, FLAGS)]
+        key = hashlib.sha256(b"\0".join(parts))
+        out_dir = tinyllm_home() / "kernels"
+        target = out_dir / f"decode_step-{key.hexdigest()[:16]}.so"
+        if not target.is_file():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            t = time.perf_counter()
+            errors = []
+            for flags in (FLAGS, FALLBACK_FLAGS):
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+                os.close(fd)
+                run = subprocess.run(
+                    [compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
+                )
+                if run.returncode == 0:
+                    os.replace(tmp, target)  # atomic: another process never loads a half-written library
+                    break
+                os.unlink(tmp)
+                errors.append(run.stderr.strip()[-2000:])
+            else:
+                raise RuntimeError(f"building the C decode step failed: {errors[-1]}")
+            logger.info("built the C decode step in %.1f s (%s)", time.perf_counter() - t, target)
+        library = ctypes.CDLL(str(target))
+        fn = library.tinyllm_decode_step
+        fn.restype = ctypes.c_int64
+        p = ctypes.c_void_p
+        fn.argtypes = [p, p, p, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+        _LIBRARY = library
+        return library
+
+
+def _weights(model: GPT) -> tuple[list[torch.Tensor | None], float]:
+    """The tensors the C step reads, in its order (None: no bias), and the LayerNorms' epsilon."""
+    tr = model.transformer
+    C, V = model.config.n_embd, model.config.vocab_size
+    if C % model.config.n_head:
+        raise ValueError("n_embd is not a multiple of n_head")
+    eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    if len(eps) != 1:
+        raise ValueError("the LayerNorms do not share one epsilon")
+
+    def linear(m: nn.Module, n: int, k: int) -> list[torch.Tensor | None]:
+        if m.weight.shape != (n, k):
+            raise ValueError(f"a linear's weight is {tuple(m.weight.shape)}, expected {(n, k)}")
+        return [m.weight, m.bias]
+
+    def norm(m: nn.LayerNorm) -> list[torch.Tensor | None]:
+        if not m.elementwise_affine:
+            raise ValueError("a LayerNorm without weights")
+        return [m.weight, m.bias]
+
+    tensors: list[torch.Tensor | None] = [tr.wte.weight, tr.wpe.weight, *norm(tr.ln_f)]
+    tensors += linear(model.lm_head, V, C)[:1]
+    for block in tr.h:
+        attn, mlp = block.attn, block.mlp
+        tensors += norm(block.ln_1) + linear(attn.c_attn, 3 * C, C) + linear(attn.c_proj, C, C)
+        tensors += norm(block.ln_2) + linear(mlp.c_fc, 4 * C, C) + linear(mlp.c_proj, C, 4 * C)
+    if getattr(model.lm_head, "bias", None) is not None:
+        raise ValueError("a head with a bias")
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu"):
+            raise ValueError("every weight must be a contiguous float32 CPU tensor")
+    return tensors, eps.pop()
+
+
+class FusedDecoder:
+    """`decoder.decode(token, cache, length)` -> (logits (1, V), greedy token (1,)) for one token of one sequence.
+
+    Args:
+        model: a float32 GPT on the CPU (ideally after `prepare_for_inference`: weights on 2 MB pages). Its
+            weights are read in place: do not re-prepare or reload it while a decoder uses it.
+
+    Call `warm_up(like)` once (it builds the C step, a second the first time on a machine, and checks it
+    against the eager model) with the engine's cache: a scratch cache of the same shape is written, never the
+    engine's.
+    """
+
+    kind = "c"
+
+    def __init__(self, model: GPT) -> None:
+        self.model = model
+        tensors, self.eps = _weights(model)
+        self._tensors = tensors  # kept alive: the C step holds their addresses
+        self._pointers = (ctypes.c_void_p * len(tensors))(*[0 if t is None else t.data_ptr() for t in tensors])
+        cfg = model.config
+        self._config = cfg
+        self._library: ctypes.CDLL | None = None
+        self._fn: object = None
+        self._dims: ctypes.Array[ctypes.c_int64] | None = None
+        self._scratch: torch.Tensor | None = None
+        self._kv: dict[int, tuple[KVCache, ctypes.Array[ctypes.c_void_p]]] = {}  # id(cache) -> K/V addresses
+        self.compile_s: float | None = None
+
+    def warm_up(self, like: KVCache) -> None:
+        """Build (or load) the C step and check one step on a scratch cache against the eager model."""
+        t = time.perf_counter()
+        self._library = _build()
+        self._fn = self._library.tinyllm_decode_step
+        scratch = KVCache.__new__(KVCache)
+        scratch.k = [torch.zeros_like(k[:1]) for k in like.k]  # (1, H, S, D) per layer
+        scratch.v = [torch.zeros_like(v[:1]) for v in like.v]
+        scratch.max_seq_len, scratch.batch_size = like.max_seq_len, 1
+        reference = KVCache.__new__(KVCache)
+        reference.k, reference.v = [k.clone() for k in scratch.k], [v.clone() for v in scratch.v]
+        reference.max_seq_len, reference.batch_size = like.max_seq_len, 1
+        n = min(3, like.max_seq_len - 1)
+        prompt = torch.arange(n).view(1, n) % self._config.vocab_size  # (1, n)
+        with torch.inference_mode():
+            for cache in (scratch, reference):
+                self.model.hidden_states(prompt, input_pos=torch.arange(n), kv_cache=cache)
+            logits, greedy = self._step(7 % self._config.vocab_size, scratch, n + 1)
+            pos = torch.tensor([n])
+            eager = self.model(torch.tensor([[7 % self._config.vocab_size]]), input_pos=pos, kv_cache=reference)
+        eager = eager[:, -1]  # (1, V)
+        if not torch.allclose(logits, eager, atol=1e-4, rtol=1e-4) or not torch.allclose(
+            scratch.k[-1], reference.k[-1], atol=1e-5, rtol=1e-5
+        ):
+            diff = (logits - eager).abs().max().item()
+            raise RuntimeError(f"the C decode step disagrees with the eager model (max logit difference {diff:.2e})")
+        if int(greedy) != int(eager.argmax()) and (eager.max() - eager.topk(2).values[0, 1]).item() > 1e-4:
+            raise RuntimeError("the C decode step's greedy token differs from the eager model's")
+        self._kv.clear()  # the scratch cache's entry
+        self.compile_s = time.perf_counter() - t
+        logger.info("the C decode step is ready (%.1f s)", self.compile_s)
+
+    def _addresses(self, cache: KVCache) -> ctypes.Array[ctypes.c_void_p]:
+        entry = self._kv.get(id(cache))
+        if entry is None or entry[0] is not cache:
+            cfg = self._config
+            shape = (1, cfg.n_head, cache.max_seq_len, cfg.n_embd // cfg.n_head)
+            for t in (*cache.k, *cache.v):
+                if tuple(t.shape) != shape or t.dtype != torch.float32 or not t.is_contiguous():
+                    raise ValueError(f"the C decode step needs a contiguous float32 one-slot cache {shape}")
+            if len(cache.k) != cfg.n_layer:
+                raise ValueError(f"the cache has {len(cache.k)} layers, the model {cfg.n_layer}")
+            if len(self._kv) > 64:  # callers that make a new view per call
+                self._kv.clear()
+            pairs = [t.data_ptr() for kv in zip(cache.k, cache.v, strict=True) for t in kv]
+            entry = self._kv[id(cache)] = (cache, (ctypes.c_void_p * len(pairs))(*pairs))
+        return entry[1]
+
+    def decode(self, token: int, cache: KVCache, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (1, V) of `token` at position `length - 1` of a one-slot `cache` (whose earlier positions hold the
+        sequence so far; this step writes the token's keys and values), and their argmax (1,)."""
+        return self._step(token, cache, length)
+
+    def _step(self, token: int, cache: KVCache, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._fn is None:
+            raise RuntimeError("call warm_up() before decoding")
+        cfg = self._config
+        if not 0 < length <= min(cache.max_seq_len, cfg.block_size):
+            raise ValueError(f"position {length - 1} is outside the context (max {cache.max_seq_len})")
+        if not 0 <= token < cfg.vocab_size:
+            raise ValueError(f"token id {token} is outside the vocabulary ({cfg.vocab_size})")
+        kv = self._addresses(cache)
+        threads = max(1, min(torch.get_num_threads(), MAX_THREADS))
+        dims = self._dims
+        if dims is None or dims[4] != cache.max_seq_len:
+            dims = self._dims = (ctypes.c_int64 * 5)(
+                cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cache.max_seq_len
+            )
+            self._scratch = None
+        need = 9 * cfg.n_embd + threads * (cfg.n_embd + cache.max_seq_len)
+        if self._scratch is None or self._scratch.numel() < need:
+            self._scratch = torch.empty(need)
+        logits = torch.empty(1, cfg.vocab_size)
+        top = self._fn(  # type: ignore[operator]
+            ctypes.addressof(dims),
+            ctypes.addressof(self._pointers),
+            ctypes.addressof(kv),
+            self._scratch.data_ptr(),
+            logits.data_ptr(),
+            token,
+            length - 1,
+            self.eps,
+            threads,
+        )
+        return logits, torch.tensor([top])

@@ -1,0 +1,274 @@
+"""The batch-1 decode step written in C: the same tokens as eager decoding and the no-cache oracle (the seed preset's
+shape, a bias-free model with odd sizes, a tiny GPT-2 from `transformers`), a lone sequence in any slot equal to it
+alone, the same numbers for any thread count, bad inputs refused, and a clear fallback where it cannot run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinyllm import fused_decode
+from tinyllm.config import ModelConfig
+from tinyllm.engine import Engine, Request, generate, generate_naive
+from tinyllm.kv_cache import KVCache
+from tinyllm.model import GPT
+from tinyllm.quantize import prepare_for_inference
+from tinyllm.sampling import SamplingParams
+
+CFG = ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
+# no biases; 48 channels and head size 16 are not multiples of the 32-float inner loop (its tails run)
+ODD = ModelConfig(vocab_size=101, block_size=40, n_layer=3, n_head=3, n_embd=48, bias=False)
+GREEDY = dict(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+
+pytestmark = pytest.mark.skipif(fused_decode.unavailable(torch.device("cpu")) is not None, reason="no C compiler here")
+
+
+def _model(seed: int, config: ModelConfig = CFG) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    with torch.no_grad():  # non-zero biases and LayerNorm affines, so a mistake in either cannot hide
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return prepare_for_inference(model)  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return _model(0)
+
+
+@pytest.fixture
+def c_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of every C step run (so a test sees the engine took that path)."""
+    steps: list[int] = []
+    decode = fused_decode.FusedDecoder.decode
+
+    def counted(self, token, cache, length):  # noqa: ANN001, ANN202
+        steps.append(length)
+        return decode(self, token, cache, length)
+
+    monkeypatch.setattr(fused_decode.FusedDecoder, "decode", counted)
+    return steps
+
+
+def _run(engine: Engine, prompts: list[list[int]], params: dict) -> list[list[int]]:
+    handles = [engine.submit(Request(prompt=p, params=SamplingParams(**params))) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    return [h.result().token_ids for h in handles]
+
+
+def _prefilled(model: GPT, prompt: list[int], copies: int = 2) -> list[KVCache]:
+    caches = [KVCache.for_model(model.config, batch_size=1) for _ in range(copies)]
+    with torch.inference_mode():
+        for cache in caches:
+            idx = torch.tensor([prompt])
+            model.hidden_states(idx, input_pos=torch.arange(len(prompt)), kv_cache=cache)
+    return caches
+
+
+def _decoder(model: GPT) -> fused_decode.FusedDecoder:
+    decoder = fused_decode.FusedDecoder(model)
+    decoder.warm_up(KVCache.for_model(model.config, batch_size=1))
+    return decoder
+
+
+@pytest.mark.parametrize("config", [CFG, ODD], ids=["seed-shape", "odd-no-bias"])
+def test_c_greedy_equals_eager_and_the_oracle(config: ModelConfig, c_steps: list[int]) -> None:
+    model = _model(0, config)
+    prompt = [5, 17, 3, 42, 8]
+    engine = Engine(model, max_batch_size=1, compile=True)
+    assert engine.decode_step == "c"
+    (fast,) = _run(engine, [prompt], GREEDY)
+    # the prefill draws the first token; each of the other 23 came from a C step, at lengths 6..28
+    assert c_steps == list(range(len(prompt) + 1, len(prompt) + 24))
+    (eager,) = _run(Engine(model, max_batch_size=1), [prompt], GREEDY)
+    (oracle,) = generate_naive(model, [prompt], SamplingParams(**GREEDY), eos_token_id=None)
+    assert fast == eager == oracle
+    assert len(fast) == 24
+
+
+@pytest.mark.parametrize("config", [CFG, ODD], ids=["seed-shape", "odd-no-bias"])
+def test_c_logits_and_cache_writes_match_eager(config: ModelConfig) -> None:
+    """Steps at growing lengths on caches prefilled alike: the same numbers up to summation order, the argmax
+    computed in C equal to torch's over the returned logits, the same keys and values written in place."""
+    model = _model(1, config)
+    caches = _prefilled(model, [1, 2, 3, 4, 5, 6])
+    decoder = _decoder(model)
+    token = 7
+    with torch.inference_mode():
+        for length in range(7, 20):
+            logits, greedy = decoder.decode(token, caches[0], length)  # (1, V), (1,)
+            pos = torch.tensor([length - 1])
+            eager = model(torch.tensor([[token]]), input_pos=pos, kv_cache=caches[1])[:, -1]  # (1, V)
+            assert logits.shape == (1, config.vocab_size) and greedy.shape == (1,)
+            assert torch.equal(greedy, logits.argmax(dim=-1))
+            torch.testing.assert_close(logits, eager, atol=1e-5, rtol=1e-5)
+            token = int(greedy)
+    for ours, theirs in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    assert caches[0].k[0][0, :, 18].abs().sum() > 0 and caches[0].k[0][0, :, 19:].abs().sum() == 0  # up to 18 only
+
+
+def test_any_thread_count_gives_the_same_numbers(model: GPT) -> None:
+    """Each thread takes a run of rows, but every row's sum is computed the same way: bit-equal logits."""
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            (cache,) = _prefilled(model, [9, 8, 7], copies=1)
+            decoder = _decoder(model)
+            with torch.inference_mode():
+                results.append([decoder.decode(t, cache, n)[0] for n, t in ((4, 5), (5, 11), (6, 2))])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+def test_a_lone_sequence_in_a_later_slot_equals_it_alone(model: GPT, c_steps: list[int]) -> None:
+    """Two short requests fill slots 0 and 1 and finish; the long one in slot 2 goes on alone, in C."""
+    engine = Engine(model, max_batch_size=4, compile="c")
+    short = dict(temperature=0.0, max_new_tokens=2, ignore_eos=True)
+    handles = [engine.submit(Request(prompt=[9, 9], params=SamplingParams(**short))) for _ in range(2)]
+    long = engine.submit(Request(prompt=[4, 8, 15, 16, 23, 42], params=SamplingParams(**GREEDY)))
+    while engine.has_work():
+        engine.step()
+    alone = generate(model, [[4, 8, 15, 16, 23, 42]], SamplingParams(**GREEDY), eos_token_id=None)[0]
+    assert long.result().token_ids == alone.token_ids
+    assert [h.result().completion_tokens for h in handles] == [2, 2]
+    assert len(c_steps) >= 20  # once the short ones finished, the long one decoded alone, in C
+    assert engine.cache.k[0][3].abs().sum() == 0  # the unused slot was never written
+
+
+def test_generation_stops_at_the_context_limit(model: GPT, c_steps: list[int]) -> None:
+    prompt = list(range(1, 51))
+    params = dict(temperature=0.0, max_new_tokens=100, ignore_eos=True)
+    engine = Engine(model, max_batch_size=1, compile="c")
+    handle = engine.submit(Request(prompt=prompt, params=SamplingParams(**params)))
+    while engine.has_work():
+        engine.step()
+    result = handle.result()
+    assert result.finish_reason == "length" and result.completion_tokens == CFG.block_size - len(prompt)
+    assert c_steps[-1] == CFG.block_size - 1  # the last step fed position 62 and drew the token that fills 63
+    (oracle,) = generate_naive(model, [prompt], SamplingParams(**params), eos_token_id=None)
+    assert result.token_ids == oracle[: result.completion_tokens]
+
+
+def test_seeded_sampling_is_reproducible(model: GPT) -> None:
+    params = dict(temperature=1.0, top_k=20, seed=1234, max_new_tokens=20, ignore_eos=True)
+    first = _run(Engine(model, max_batch_size=1, compile="c"), [[3, 1, 4]], params)
+    second = _run(Engine(model, max_batch_size=1, compile="c"), [[3, 1, 4]], params)
+    assert first == second and len(first[0]) == 20
+
+
+def test_a_tiny_gpt2_decodes_as_transformers_does(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from tinyllm.gpt2 import load_gpt2
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=101)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    model = prepare_for_inference(load_gpt2(str(tmp_path / "hf")))
+    prompt = [3, 1, 4, 1, 5]
+    engine = Engine(model, max_batch_size=1, compile="c")
+    assert engine.decode_step == "c"
+    (ours,) = _run(engine, [prompt], dict(temperature=0.0, max_new_tokens=20, ignore_eos=True))
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20)
+    assert ours == out[0, len(prompt) :].tolist()
+
+
+def test_bad_inputs_are_refused(model: GPT) -> None:
+    decoder = fused_decode.FusedDecoder(model)
+    (cache,) = _prefilled(model, [1, 2], copies=1)
+    with pytest.raises(RuntimeError, match="warm_up"):
+        decoder.decode(3, cache, 3)
+    decoder.warm_up(cache)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        decoder.decode(CFG.vocab_size, cache, 3)
+    with pytest.raises(ValueError, match="outside the context"):
+        decoder.decode(3, cache, CFG.block_size + 1)
+    two_slots = KVCache.for_model(CFG, batch_size=2)
+    with pytest.raises(ValueError, match="one-slot cache"):
+        decoder.decode(3, two_slots, 3)
+    assert two_slots.k[0].abs().sum() == 0  # nothing was written
+
+
+def test_other_dtypes_and_devices_say_why() -> None:
+    torch.manual_seed(0)
+    bf16 = prepare_for_inference(GPT(CFG).eval(), dtype="bfloat16")
+    assert "float32" in (fused_decode.unavailable(torch.device("cpu"), bf16) or "")
+    int8 = prepare_for_inference(GPT(CFG).eval(), quantize="int8")
+    assert "float32" in (fused_decode.unavailable(torch.device("cpu"), int8) or "")
+    assert "is on cuda" in (fused_decode.unavailable(torch.device("cuda")) or "")
+    engine = Engine(bf16, max_batch_size=1, compile=True)  # bf16: the C step does not apply, inductor's does
+    assert engine.decode_step in ("inductor", "eager")
+
+
+def test_no_compiler_falls_back_to_inductor(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(fused_decode, "_compiler", lambda: None)
+    assert "no C compiler" in (fused_decode.unavailable(torch.device("cpu")) or "")
+    engine = Engine(_model(3), max_batch_size=1, compile="c")
+    assert engine.decode_step == "eager"
+    assert "decoding eagerly: no C compiler found" in caplog.text
+    engine = Engine(_model(3), max_batch_size=1, compile=True)
+    assert engine.decode_step in ("inductor", "eager")  # inductor where a C++ toolchain is, else eager
+
+
+def test_a_failing_build_is_reported_and_the_engine_falls_back(
+    model: GPT, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(fused_decode, "_LIBRARY", None)  # build again, with a compiler that fails
+    monkeypatch.setenv("TINYLLM_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "cc"))
+    (tmp_path / "cc").write_text("#!/bin/sh\necho 'decode_step.c:1: error: boom' >&2\nexit 1\n")
+    (tmp_path / "cc").chmod(0o755)
+    with caplog.at_level(logging.WARNING, logger="tinyllm.engine"):
+        engine = Engine(model, max_batch_size=1, compile="c")
+    assert engine.decode_step == "eager"
+    assert "decoding eagerly: building the c decode step failed" in caplog.text and "error: boom" in caplog.text
+    assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library left behind
+    (oracle,) = generate_naive(model, [[5, 5]], SamplingParams(**GREEDY), eos_token_id=None)
+    assert _run(engine, [[5, 5]], GREEDY) == [oracle]
+
+
+def test_the_build_is_cached_per_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(fused_decode, "_LIBRARY", None)
+    monkeypatch.setenv("TINYLLM_HOME", str(tmp_path))
+    fused_decode._build()
+    (built,) = (tmp_path / "kernels").iterdir()
+    stamp = built.stat().st_mtime_ns
+    monkeypatch.setattr(fused_decode, "_LIBRARY", None)  # a new process: loads the built library, no compile
+    monkeypatch.setattr(fused_decode.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
+    fused_decode._build()
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").iterdir()] == [stamp]
+
+
+def test_a_step_that_disagrees_with_eager_is_refused(
+    model: GPT, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """warm_up checks one step against the eager model: a kernel reading the wrong weights never serves."""
+    weights = fused_decode._weights
+
+    def swapped(m: GPT) -> tuple[list, float]:
+        tensors, eps = weights(m)
+        tensors[5 + 8], tensors[5 + 12 + 8] = tensors[5 + 12 + 8], tensors[5 + 8]  # layer 0 and 1's MLP weights
+        return tensors, eps
+
+    monkeypatch.setattr(fused_decode, "_weights", swapped)
+    with caplog.at_level(logging.WARNING, logger="tinyllm.engine"):
+        engine = Engine(model, max_batch_size=1, compile="c")
+    assert engine.decode_step == "eager"
+    assert "disagrees with the eager model" in caplog.text
