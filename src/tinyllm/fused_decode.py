@@ -266,7 +266,7 @@ class FusedDecoder:
                 cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cache.max_seq_len
             )
             self._scratch = None
-        need = 9 * cfg.n_embd + threads * (cfg.n_embd + cache.max_seq_len)
+        need = 16 + 32 * threads + 9 * cfg.n_embd + threads * (cfg.n_embd + cache.max_seq_len)  # decode_step.c
         if self._scratch is None or self._scratch.numel() < need:
             self._scratch = torch.empty(need)
         logits = torch.empty(1, cfg.vocab_size)

@@ -4,8 +4,10 @@
    bandwidth. Here each thread streams one contiguous run of rows per matrix (one dot product per row, two
    accumulators), computes the LayerNorms it needs itself (768 floats: cheaper than a barrier), and meets the
    other threads at 5 barriers a layer: after q/k/v, attention, the attention projection, the MLP's first
-   linear and its second. Plain C with GCC vector extensions (16 floats): the compiler emits AVX-512, AVX2 or
-   NEON for the machine it is built on (-march=native).
+   linear and its second. A thread that finishes its run early takes chunks from the end of another's (work
+   stealing), so a thread slowed by the memory system does not keep the others waiting at the barrier. Plain
+   C with GCC vector extensions (16 floats): the compiler emits AVX-512, AVX2 or NEON for the machine it is
+   built on (-march=native).
 
    Shapes: C channels, H heads, D head size, S cache positions, V vocabulary, L layers, T threads.
 */
@@ -23,6 +25,45 @@ enum { W_LN1_W, W_LN1_B, W_ATTN_W, W_ATTN_B, W_APROJ_W, W_APROJ_B, W_LN2_W, W_LN
        W_MPROJ_W, W_MPROJ_B, W_PER_LAYER };
 enum { D_LAYERS, D_HEADS, D_EMBD, D_VOCAB, D_POSITIONS, D_COUNT };
 #define MAX_THREADS 256
+#define CHUNK_FLOATS 16384 /* rows taken at a time: 64 KB of weights */
+
+/* Rows [front, back) of one thread's run still to do, in one word: the owner takes from the front, others
+   from the back, both by compare-and-swap. One cache line each. */
+typedef struct {
+    _Alignas(64) uint64_t rows;
+    char pad[56];
+} run_t;
+
+static inline void run_set(run_t *r, int64_t lo, int64_t hi) {
+    __atomic_store_n(&r->rows, ((uint64_t)hi << 32) | (uint64_t)lo, __ATOMIC_RELAXED);
+}
+
+/* Take up to `chunk` rows from the front (owner) or the back (thief) of a run; 0 when it is empty. */
+static inline int run_take(run_t *r, int64_t chunk, int from_back, int64_t *s, int64_t *e) {
+    uint64_t cur = __atomic_load_n(&r->rows, __ATOMIC_RELAXED), next;
+    for (;;) {
+        int64_t front = (int64_t)(cur & 0xffffffffu), back = (int64_t)(cur >> 32);
+        if (front >= back) return 0;
+        if (from_back) {
+            *e = back;
+            *s = back - chunk > front ? back - chunk : front;
+            next = ((uint64_t)*s << 32) | (uint64_t)front;
+        } else {
+            *s = front;
+            *e = front + chunk < back ? front + chunk : back;
+            next = ((uint64_t)back << 32) | (uint64_t)*e;
+        }
+        if (__atomic_compare_exchange_n(&r->rows, &cur, next, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return 1;
+    }
+}
+
+/* Whether logit `v` at `i` beats the best so far: larger, or equal at a smaller index; NaN beats numbers (as
+   torch.argmax: the first NaN, else the first largest) */
+static inline int better(float v, int64_t i, float top, int64_t at) {
+    if (v != v) return top == top || i < at;
+    if (top != top) return 0;
+    return v > top || (v == top && i < at);
+}
 
 static inline vf load(const float *p) { return *(const vf *)p; }
 
@@ -66,95 +107,186 @@ static void layer_norm(float *out, const float *x, const float *w, const float *
     for (int64_t i = 0; i < C; i++) out[i] = (x[i] - mean) * rstd * w[i] + (b ? b[i] : 0.0f);
 }
 
-/* GPT-2's GELU, tanh approximation, with tanh(u) = 1 - 2 / (exp(2u) + 1) (exact at the limits) */
-static inline float gelu(float u) {
-    float z = 0.7978845608028654f * (u + 0.044715f * u * u * u);
-    return 0.5f * u * (1.0f + (1.0f - 2.0f / (expf(2.0f * z) + 1.0f)));
+typedef int32_t vi __attribute__((vector_size(64)));
+
+static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* exp of 16 floats: 2^n e^r with |r| <= ln2/2 and a degree-6 polynomial (~1 ulp), inputs clamped to [-87, 88] */
+static inline vf vexp(vf x) {
+    const vf lo = (vf){0} - 87.0f, hi = (vf){0} + 88.0f, shifter = (vf){0} + 12582912.0f; /* 1.5 * 2^23 */
+    x = select(x < lo, lo, x);
+    x = select(x > hi, hi, x);
+    vf n = (x * 1.44269504088896341f + shifter) - shifter; /* round(x / ln2) */
+    vf r = x - n * 0.693359375f - n * -2.12194440e-4f;      /* x - n ln2, in two parts */
+    vf p = (vf){0} + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    vi bits = (__builtin_convertvector(n, vi) + 127) << 23; /* 2^n */
+    return p * (vf)bits;
+}
+
+/* GPT-2's GELU, tanh approximation, on 16 floats: 0.5 u (1 + tanh(z)) = u e / (e + 1) with e = exp(2z) (no
+   cancellation where tanh(z) is near -1; e is at most exp(88), so e / (e + 1) is 1 where z is large) */
+static inline vf vgelu(vf u) {
+    vf z = 0.7978845608028654f * (u + 0.044715f * u * u * u);
+    vf e = vexp(2.0f * z);
+    return u * (e / (e + 1.0f));
+}
+
+enum { P_QKV, P_ATTN, P_APROJ, P_FC, P_MPROJ, P_HEAD };
+
+typedef struct {
+    int64_t L, H, C, D, S, V, pos, n;
+    float scale;
+    const float *const *weights;
+    float *const *kv;
+    float *x, *q, *y, *f, *logits;
+} step_t;
+
+/* Rows [s, e) of phase `phase` of layer `l` (heads, for attention); `h` the thread's LayerNorm output, `scores`
+   its attention scratch; the head keeps the thread's best logit in top/at. */
+static void rows(const step_t *st, int phase, int64_t l, int64_t s, int64_t e, const float *h, float *scores,
+                 float *top, int64_t *at) {
+    const int64_t C = st->C, D = st->D, S = st->S, pos = st->pos;
+    const float *const *w = st->weights + W_GLOBAL + l * W_PER_LAYER;
+    float *k_cache = st->kv[2 * l], *v_cache = st->kv[2 * l + 1];
+    switch (phase) {
+    case P_QKV: /* q, k, v; k and v go straight to the cache at `pos` */
+        for (int64_t r = s; r < e; r++) {
+            float value = dot(w[W_ATTN_W] + r * C, h, C) + (w[W_ATTN_B] ? w[W_ATTN_B][r] : 0.0f);
+            if (r < C) {
+                st->q[r] = value;
+            } else {
+                int64_t c = r % C;
+                float *cache = r < 2 * C ? k_cache : v_cache;
+                cache[(c / D) * S * D + pos * D + c % D] = value;
+            }
+        }
+        break;
+    case P_ATTN: /* softmax(q k^T / sqrt(D)) v over positions 0..pos, one head at a time */
+        for (int64_t hd = s; hd < e; hd++) {
+            const float *q = st->q + hd * D, *keys = k_cache + hd * S * D, *values = v_cache + hd * S * D;
+            float most = -INFINITY, total = 0.0f, *out = st->y + hd * D;
+            for (int64_t i = 0; i < st->n; i++) {
+                scores[i] = dot(q, keys + i * D, D) * st->scale;
+                most = scores[i] > most ? scores[i] : most;
+            }
+            int64_t i = 0;
+            for (; i + 16 <= st->n; i += 16) { /* scores -> exp(score - max), 16 at a time */
+                vf p = vexp(load(scores + i) - most);
+                memcpy(scores + i, &p, sizeof p);
+                total += hsum(p);
+            }
+            for (; i < st->n; i++) total += scores[i] = expf(scores[i] - most);
+            for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+            for (i = 0; i < st->n; i++)
+                for (int64_t d = 0; d < D; d++) out[d] += scores[i] * values[i * D + d];
+            for (int64_t d = 0; d < D; d++) out[d] /= total;
+        }
+        break;
+    case P_APROJ:
+        for (int64_t r = s; r < e; r++)
+            st->x[r] += dot(w[W_APROJ_W] + r * C, st->y, C) + (w[W_APROJ_B] ? w[W_APROJ_B][r] : 0.0f);
+        break;
+    case P_FC: /* 16 rows' sums, then their GELU at once */
+        for (int64_t r0 = s; r0 < e; r0 += 16) {
+            const int64_t m = e - r0 < 16 ? e - r0 : 16;
+            float sums[16] = {0};
+            for (int64_t i = 0; i < m; i++)
+                sums[i] = dot(w[W_FC_W] + (r0 + i) * C, h, C) + (w[W_FC_B] ? w[W_FC_B][r0 + i] : 0.0f);
+            vf g = vgelu(load(sums));
+            memcpy(st->f + r0, &g, (size_t)m * sizeof(float));
+        }
+        break;
+    case P_MPROJ:
+        for (int64_t r = s; r < e; r++)
+            st->x[r] += dot(w[W_MPROJ_W] + r * 4 * C, st->f, 4 * C) + (w[W_MPROJ_B] ? w[W_MPROJ_B][r] : 0.0f);
+        break;
+    case P_HEAD:
+        for (int64_t r = s; r < e; r++) {
+            float value = st->logits[r] = dot(st->weights[W_HEAD] + r * C, h, C);
+            if (better(value, r, *top, *at)) {
+                *top = value;
+                *at = r;
+            }
+        }
+        break;
+    }
+}
+
+/* Rows (or heads) a phase has, and how many a thread takes at a time. */
+static void phase_size(const step_t *st, int phase, int64_t *count, int64_t *chunk) {
+    static const int64_t rows_per_c[] = {3, 0, 1, 4, 1, 0}, width_per_c[] = {1, 0, 1, 1, 4, 1};
+    if (phase == P_ATTN) {
+        *count = st->H, *chunk = 1;
+    } else {
+        *count = phase == P_HEAD ? st->V : rows_per_c[phase] * st->C;
+        int64_t width = width_per_c[phase] * st->C;
+        *chunk = CHUNK_FLOATS / width > 1 ? CHUNK_FLOATS / width : 1;
+    }
 }
 
 /* Token `token` at position `pos` of one sequence; returns the argmax of the logits (V,) it writes.
    dims: L, H, C, V, S. weights: W_GLOBAL pointers then W_PER_LAYER per layer (a missing bias is NULL).
-   kv: L pairs (keys, values), each (H, S, D) contiguous. scratch: 9C + T (C + S) floats. */
+   kv: L pairs (keys, values), each (H, S, D) contiguous. scratch: 16 + 32 T + 9 C + T (C + S) floats. */
 int64_t tinyllm_decode_step(const int64_t *dims, const float *const *weights, float *const *kv, float *scratch,
                             float *logits, int64_t token, int64_t pos, float eps, int threads) {
-    const int64_t L = dims[D_LAYERS], H = dims[D_HEADS], C = dims[D_EMBD], V = dims[D_VOCAB];
-    const int64_t S = dims[D_POSITIONS], D = C / H, n = pos + 1;
-    const float scale = 1.0f / sqrtf((float)D);
-    float *x = scratch, *qkv = x + C, *y = qkv + 3 * C, *f = y + C, *per_thread = f + 4 * C;
+    step_t st;
+    st.L = dims[D_LAYERS], st.H = dims[D_HEADS], st.C = dims[D_EMBD], st.V = dims[D_VOCAB];
+    st.S = dims[D_POSITIONS], st.D = st.C / st.H, st.pos = pos, st.n = pos + 1;
+    st.scale = 1.0f / sqrtf((float)st.D);
+    st.weights = weights, st.kv = kv, st.logits = logits;
+    const int64_t C = st.C;
     float best_value[MAX_THREADS];
     int64_t best_index[MAX_THREADS];
     int used = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads < 1) threads = 1;
+    /* the runs of the phase going on and of the next, by phase parity (one phase's are set while the last's
+       drain), on their own cache lines; then the activations */
+    run_t *runs[2];
+    runs[0] = (run_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    runs[1] = runs[0] + threads;
+    st.x = (float *)(runs[1] + threads), st.q = st.x + C, st.y = st.q + 3 * C, st.f = st.y + C;
+    float *per_thread = st.f + 4 * C;
 
     const float *wte = weights[W_WTE], *wpe = weights[W_WPE];
-    for (int64_t i = 0; i < C; i++) x[i] = wte[token * C + i] + wpe[pos * C + i];
+    for (int64_t i = 0; i < C; i++) st.x[i] = wte[token * C + i] + wpe[pos * C + i];
 
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        float *h = per_thread + t * (C + S), *scores = h + C;
-        int64_t lo, hi;
-        for (int64_t l = 0; l < L; l++) {
-            const float *const *w = weights + W_GLOBAL + l * W_PER_LAYER;
-            float *k_cache = kv[2 * l], *v_cache = kv[2 * l + 1];
-            /* q, k, v; k and v go straight to the cache at `pos` */
-            layer_norm(h, x, w[W_LN1_W], w[W_LN1_B], C, eps);
-            share(3 * C, t, T, &lo, &hi);
-            for (int64_t r = lo; r < hi; r++) {
-                float value = dot(w[W_ATTN_W] + r * C, h, C) + (w[W_ATTN_B] ? w[W_ATTN_B][r] : 0.0f);
-                if (r < C) {
-                    qkv[r] = value;
-                } else {
-                    int64_t c = r % C;
-                    float *cache = r < 2 * C ? k_cache : v_cache;
-                    cache[(c / D) * S * D + pos * D + c % D] = value;
-                }
-            }
-#pragma omp barrier
-            /* attention, heads shared out: softmax(q k^T / sqrt(D)) v over positions 0..pos */
-            share(H, t, T, &lo, &hi);
-            for (int64_t hd = lo; hd < hi; hd++) {
-                const float *q = qkv + hd * D, *keys = k_cache + hd * S * D, *values = v_cache + hd * S * D;
-                float top = -INFINITY, total = 0.0f, *out = y + hd * D;
-                for (int64_t s = 0; s < n; s++) {
-                    scores[s] = dot(q, keys + s * D, D) * scale;
-                    top = scores[s] > top ? scores[s] : top;
-                }
-                for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
-                for (int64_t s = 0; s < n; s++) {
-                    float p = expf(scores[s] - top);
-                    total += p;
-                    for (int64_t d = 0; d < D; d++) out[d] += p * values[s * D + d];
-                }
-                for (int64_t d = 0; d < D; d++) out[d] /= total;
-            }
-#pragma omp barrier
-            share(C, t, T, &lo, &hi);
-            for (int64_t r = lo; r < hi; r++)
-                x[r] += dot(w[W_APROJ_W] + r * C, y, C) + (w[W_APROJ_B] ? w[W_APROJ_B][r] : 0.0f);
-#pragma omp barrier
-            layer_norm(h, x, w[W_LN2_W], w[W_LN2_B], C, eps);
-            share(4 * C, t, T, &lo, &hi);
-            for (int64_t r = lo; r < hi; r++)
-                f[r] = gelu(dot(w[W_FC_W] + r * C, h, C) + (w[W_FC_B] ? w[W_FC_B][r] : 0.0f));
-#pragma omp barrier
-            share(C, t, T, &lo, &hi);
-            for (int64_t r = lo; r < hi; r++)
-                x[r] += dot(w[W_MPROJ_W] + r * 4 * C, f, 4 * C) + (w[W_MPROJ_B] ? w[W_MPROJ_B][r] : 0.0f);
-#pragma omp barrier
-        }
-        /* final LayerNorm and the head; each thread's first largest logit, then the first of those */
-        layer_norm(h, x, weights[W_LNF_W], weights[W_LNF_B], C, eps);
-        share(V, t, T, &lo, &hi);
+        float *h = per_thread + t * (C + st.S), *scores = h + C;
         float top = -INFINITY;
-        int64_t at = lo;
-        for (int64_t r = lo; r < hi; r++) {
-            float value = logits[r] = dot(weights[W_HEAD] + r * C, h, C);
-            if (value > top || value != value) { /* NaN counts as the largest, as torch.argmax */
-                if (top != top) continue;
-                top = value;
-                at = r;
+        int64_t at = 0, count, chunk, lo, hi, s, e, step = 0;
+        phase_size(&st, P_QKV, &count, &chunk);
+        share(count, t, T, &lo, &hi);
+        run_set(&runs[0][t], lo, hi);
+#pragma omp barrier
+        for (int64_t l = 0; l <= st.L; l++) {
+            for (int phase = P_QKV; phase <= P_MPROJ; phase++, step++) {
+                if (l == st.L && phase != P_QKV) break;
+                int kind = l == st.L ? P_HEAD : phase;
+                const float *const *w = weights + W_GLOBAL + l * W_PER_LAYER;
+                if (kind == P_QKV) layer_norm(h, st.x, w[W_LN1_W], w[W_LN1_B], C, eps);
+                if (kind == P_FC) layer_norm(h, st.x, w[W_LN2_W], w[W_LN2_B], C, eps);
+                if (kind == P_HEAD) layer_norm(h, st.x, weights[W_LNF_W], weights[W_LNF_B], C, eps);
+                phase_size(&st, kind, &count, &chunk);
+                run_t *mine = runs[step & 1];
+                while (run_take(&mine[t], chunk, 0, &s, &e)) rows(&st, kind, l, s, e, h, scores, &top, &at);
+                for (int other = 1; other < T; other++)
+                    while (run_take(&mine[(t + other) % T], chunk, 1, &s, &e))
+                        rows(&st, kind, l, s, e, h, scores, &top, &at);
+                if (kind == P_HEAD) break;
+                int next = phase == P_MPROJ ? (l + 1 == st.L ? P_HEAD : P_QKV) : phase + 1;
+                phase_size(&st, next, &count, &chunk);
+                share(count, t, T, &lo, &hi);
+                run_set(&runs[(step + 1) & 1][t], lo, hi);
+#pragma omp barrier
             }
         }
         best_value[t] = top;
@@ -164,8 +296,7 @@ int64_t tinyllm_decode_step(const int64_t *dims, const float *const *weights, fl
     int64_t at = best_index[0];
     float top = best_value[0];
     for (int i = 1; i < used; i++) {
-        if (top != top) break;
-        if (best_value[i] > top || best_value[i] != best_value[i]) {
+        if (better(best_value[i], best_index[i], top, at)) {
             top = best_value[i];
             at = best_index[i];
         }
