@@ -98,13 +98,27 @@ static inline void share(int64_t n, int t, int T, int64_t *lo, int64_t *hi) {
     *hi = *lo + per < n ? *lo + per : n;
 }
 
+/* Sum of n floats, 16 lanes at a time (a scalar loop would wait on each add: the compiler may not reorder it) */
+static inline float sum(const float *x, int64_t n) {
+    vf a = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) a += load(x + i);
+    float s = hsum(a);
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+
 static void layer_norm(float *out, const float *x, const float *w, const float *b, int64_t C, float eps) {
-    float mean = 0.0f, var = 0.0f;
-    for (int64_t i = 0; i < C; i++) mean += x[i];
-    mean /= (float)C;
-    for (int64_t i = 0; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
-    float rstd = 1.0f / sqrtf(var / (float)C + eps);
-    for (int64_t i = 0; i < C; i++) out[i] = (x[i] - mean) * rstd * w[i] + (b ? b[i] : 0.0f);
+    const float mean = sum(x, C) / (float)C;
+    for (int64_t i = 0; i < C; i++) out[i] = x[i] - mean;
+    float var = 0.0f;
+    vf a = {0};
+    int64_t i = 0;
+    for (; i + 16 <= C; i += 16) a += load(out + i) * load(out + i);
+    var = hsum(a);
+    for (; i < C; i++) var += out[i] * out[i];
+    const float rstd = 1.0f / sqrtf(var / (float)C + eps);
+    for (i = 0; i < C; i++) out[i] = out[i] * rstd * w[i] + (b ? b[i] : 0.0f);
 }
 
 typedef int32_t vi __attribute__((vector_size(64)));
