@@ -1,5 +1,8 @@
 """A batch-1 decode step compiled by `torch.compile` (inductor): one graph for every layer and the head.
 
+The engine uses it for bfloat16 and int8-weight models, and for float32 where the C step of
+`tinyllm.fused_decode` (faster: fewer phases a layer) cannot be built; `Engine(compile="inductor")` asks for it.
+
 Decoding one sequence is memory-bound: each token reads every weight once. Eagerly, each linear is its own
 oneDNN call (a thread fork/join, an opaque kernel) and each layer costs Python dispatch. Compiled, the whole
 step is one C++ function of ~4 parallel regions in which a one-row linear is a multiply-and-sum over the

@@ -76,10 +76,11 @@ class ServerSettings:
             1), so the event loop and the HTTP work keep a core: with every core given to torch, its threads
             wait on each other whenever one is descheduled (measured here on 2 cores: 1 thread decodes
             several times faster than 2 under load). 0 leaves torch's own choice.
-        compile: compile each model's batch-1 decode step after loading, in the background (CPU with a C++
-            compiler and torch's headers; see `tinyllm.compiled_decode`): a lone request then decodes ~1.4-2x
-            faster; until it is ready, or where it cannot be built, decoding is eager. Off by default here;
-            `from_env` turns it on unless TINYLLM_COMPILE is off.
+        compile: build each model's batch-1 decode step after loading, in the background (CPU: for float32
+            models the C step, `tinyllm.fused_decode`, with a C compiler; else inductor's, `tinyllm.compiled_decode`,
+            with a C++ compiler and torch's headers): a lone request then decodes ~1.4-2x faster; until it is
+            ready, or where it cannot be built, decoding is eager. Off by default here; `from_env` turns it on
+            unless TINYLLM_COMPILE is off.
         sampling: defaults of the seed routes.
     """
 
