@@ -47,9 +47,9 @@ def c_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     steps: list[int] = []
     decode = fused_decode.FusedDecoder.decode
 
-    def counted(self, token, cache, length):  # noqa: ANN001, ANN202
+    def counted(self, token, cache, length, **kwargs):  # noqa: ANN001, ANN003, ANN202
         steps.append(length)
-        return decode(self, token, cache, length)
+        return decode(self, token, cache, length, **kwargs)
 
     monkeypatch.setattr(fused_decode.FusedDecoder, "decode", counted)
     return steps
@@ -105,10 +105,10 @@ def test_c_logits_and_cache_writes_match_eager(config: ModelConfig) -> None:
             logits, greedy = decoder.decode(token, caches[0], length)  # (1, V), (1,)
             pos = torch.tensor([length - 1])
             eager = model(torch.tensor([[token]]), input_pos=pos, kv_cache=caches[1])[:, -1]  # (1, V)
-            assert logits.shape == (1, config.vocab_size) and greedy.shape == (1,)
-            assert torch.equal(greedy, logits.argmax(dim=-1))
+            assert logits.shape == (1, config.vocab_size)
+            assert greedy == logits.argmax(dim=-1).tolist()  # the argmax computed in C
             torch.testing.assert_close(logits, eager, atol=1e-5, rtol=1e-5)
-            token = int(greedy)
+            token = greedy[0]
     for ours, theirs in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
     assert caches[0].k[0][0, :, 18].abs().sum() > 0 and caches[0].k[0][0, :, 19:].abs().sum() == 0  # up to 18 only
@@ -200,6 +200,11 @@ def test_bad_inputs_are_refused(model: GPT) -> None:
         decoder.decode(CFG.vocab_size, cache, 3)
     with pytest.raises(ValueError, match="outside the context"):
         decoder.decode(3, cache, CFG.block_size + 1)
+    with pytest.raises(ValueError, match="out must be"):
+        decoder.decode(3, cache, 3, out=torch.empty(1, CFG.vocab_size + 1))
+    out = torch.full((1, CFG.vocab_size), float("nan"))
+    logits, greedy = decoder.decode(3, cache, 3, out=out)
+    assert logits is out and not out.isnan().any() and greedy == out.argmax(dim=-1).tolist()
     two_slots = KVCache.for_model(CFG, batch_size=2)
     with pytest.raises(ValueError, match="one-slot cache"):
         decoder.decode(3, two_slots, 3)

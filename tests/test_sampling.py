@@ -189,7 +189,7 @@ def test_rows_use_their_own_params_and_generators() -> None:
 
 
 def test_a_given_argmax_serves_the_plain_greedy_rows_only() -> None:
-    """The compiled step hands over its argmax; plain greedy rows take it, penalized or sampled rows do not."""
+    """A compiled or C step hands over its argmax; plain greedy rows take it, penalized or sampled rows do not."""
     logits = torch.zeros(3, 10)
     logits[:, 4] = 1.0  # every row's own argmax is 4
     given = torch.tensor([7, 8, 9])  # a stand-in argmax, to see which rows used it
@@ -200,6 +200,8 @@ def test_a_given_argmax_serves_the_plain_greedy_rows_only() -> None:
     ]
     assert sample(logits, params, argmax=given, output_ids=[[], [1], []], prompt_ids=[[], [], []]) == [7, 4, 9]
     assert sample(logits[:1], params[0], argmax=given[:1]) == [7]
+    history = dict(output_ids=[[], [1], []], prompt_ids=[[], [], []])
+    assert sample(logits, params, argmax=[7, 8, 9], **history) == [7, 4, 9]  # a list (the C step's) as well
     assert sample(logits, params, output_ids=[[], [1], []], prompt_ids=[[], [], []]) == [4, 4, 4]
 
 

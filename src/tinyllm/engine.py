@@ -403,6 +403,7 @@ class Engine:
         self.tokens_generated = 0
         self._compiled: FusedDecoder | CompiledDecoder | None = None  # set once built and warmed up
         self._slot_caches: dict[int, KVCache] = {}  # one-slot views of the cache, for the compiled step
+        self._c_logits: torch.Tensor | None = None  # the C step's logits, rewritten each step
         if compile:
             self.compile_decode(step="auto" if compile is True else compile)
 
@@ -560,7 +561,6 @@ class Engine:
                 seq.finished = True
                 self._finish(seq, "error", delta_text="", error=message)
 
-    @torch.inference_mode()
     def step(self) -> list[Event]:
         """Admit waiting requests into free slots (prefill), decode one token for the others; returns the events."""
         events: list[Event] = []
@@ -575,7 +575,8 @@ class Engine:
                     self._slots[slot] = seq
                     admitted.append(seq)
         for group in _prefill_groups(admitted):
-            events += self._prefill(group)
+            with torch.inference_mode():
+                events += self._prefill(group)
         with self._lock:
             # every occupied slot decodes, the just-prefilled too (a free row in range writes only to itself)
             decoding = [s for s in self._slots if s is not None]
@@ -614,8 +615,21 @@ class Engine:
             cache = self._slot_caches.get(slot)
             if cache is None:
                 cache = self._slot_caches[slot] = self.cache.view(slice(slot, slot + 1))
-            logits, greedy = self._compiled.decode(seq.output[-1], cache, seq.length)  # (1, V), (1,)
-            return self._advance(seqs, logits, greedy=greedy)
+            if self._compiled.kind == "c":
+                # no torch op at all on this path (the C step writes its logits into a buffer kept here): after
+                # the step has streamed every weight through the caches, each op and the inference-mode switch
+                # would run cold (~80 us a step, measured)
+                if self._c_logits is None:
+                    self._c_logits = torch.empty(1, self.config.vocab_size, device=self.device)
+                logits, greedy = self._compiled.decode(seq.output[-1], cache, seq.length, out=self._c_logits)
+                return self._advance(seqs, logits, greedy=greedy)
+            with torch.inference_mode():
+                logits, greedy = self._compiled.decode(seq.output[-1], cache, seq.length)  # (1, V), (1,)
+                return self._advance(seqs, logits, greedy=greedy)
+        with torch.inference_mode():
+            return self._decode_batch(seqs)
+
+    def _decode_batch(self, seqs: list[_Sequence]) -> list[Event]:
         n = max(s.slot for s in seqs) + 1  # type: ignore[type-var]
         tokens = [0] * n  # free slots in range decode a dummy token at position 0 (overwritten on reuse)
         positions = [0] * n
@@ -631,9 +645,11 @@ class Engine:
             logits = logits[[s.slot for s in seqs]]  # type: ignore[misc]
         return self._advance(seqs, logits)
 
-    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor, greedy: torch.Tensor | None = None) -> list[Event]:
+    def _advance(
+        self, seqs: list[_Sequence], logits: torch.Tensor, greedy: torch.Tensor | Sequence[int] | None = None
+    ) -> list[Event]:
         """Draw a token per row of logits (B, V), check stop conditions, emit events. `greedy`: the rows' argmax
-        (B,) when already computed (the compiled step's)."""
+        (B,) when already computed (the compiled or C step's)."""
         params = [s.params for s in seqs]
         needs_history = any(p.has_penalties for p in params)
         tokens = sample(

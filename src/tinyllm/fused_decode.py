@@ -170,7 +170,7 @@ def _weights(model: GPT) -> tuple[list[torch.Tensor | None], float]:
 
 
 class FusedDecoder:
-    """`decoder.decode(token, cache, length)` -> (logits (1, V), greedy token (1,)) for one token of one sequence.
+    """`decoder.decode(token, cache, length)` -> (logits (1, V), [greedy token]) for one token of one sequence.
 
     Args:
         model: a float32 GPT on the CPU (ideally after `prepare_for_inference`: weights on 2 MB pages). Its
@@ -223,7 +223,7 @@ class FusedDecoder:
         ):
             diff = (logits - eager).abs().max().item()
             raise RuntimeError(f"the C decode step disagrees with the eager model (max logit difference {diff:.2e})")
-        if int(greedy) != int(eager.argmax()) and (eager.max() - eager.topk(2).values[0, 1]).item() > 1e-4:
+        if greedy[0] != int(eager.argmax()) and (eager.max() - eager.topk(2).values[0, 1]).item() > 1e-4:
             raise RuntimeError("the C decode step's greedy token differs from the eager model's")
         self._kv.clear()  # the scratch cache's entry
         self.compile_s = time.perf_counter() - t
@@ -245,12 +245,20 @@ class FusedDecoder:
             entry = self._kv[id(cache)] = (cache, (ctypes.c_void_p * len(pairs))(*pairs))
         return entry[1]
 
-    def decode(self, token: int, cache: KVCache, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, token: int, cache: KVCache, length: int, *, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         """Logits (1, V) of `token` at position `length - 1` of a one-slot `cache` (whose earlier positions hold the
-        sequence so far; this step writes the token's keys and values), and their argmax (1,)."""
-        return self._step(token, cache, length)
+        sequence so far; this step writes the token's keys and values), and their argmax as a one-id list.
 
-    def _step(self, token: int, cache: KVCache, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        `out`: a contiguous float32 (1, V) tensor to write the logits into (a caller that reuses one spares an
+        allocation a step); by default a new one.
+        """
+        return self._step(token, cache, length, out)
+
+    def _step(
+        self, token: int, cache: KVCache, length: int, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         if self._fn is None:
             raise RuntimeError("call warm_up() before decoding")
         cfg = self._config
@@ -269,7 +277,12 @@ class FusedDecoder:
         need = 16 + 32 * threads + 9 * cfg.n_embd + threads * (cfg.n_embd + cache.max_seq_len)  # decode_step.c
         if self._scratch is None or self._scratch.numel() < need:
             self._scratch = torch.empty(need)
-        logits = torch.empty(1, cfg.vocab_size)
+        if out is None:
+            logits = torch.empty(1, cfg.vocab_size)
+        elif out.shape != (1, cfg.vocab_size) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 tensor of shape (1, {cfg.vocab_size})")
+        else:
+            logits = out
         top = self._fn(  # type: ignore[operator]
             ctypes.addressof(dims),
             ctypes.addressof(self._pointers),
@@ -281,4 +294,4 @@ class FusedDecoder:
             self.eps,
             threads,
         )
-        return logits, torch.tensor([top])
+        return logits, [top]

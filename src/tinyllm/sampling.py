@@ -271,7 +271,7 @@ def sample(
     generators: Sequence[torch.Generator | None] | None = None,
     output_ids: Sequence[Sequence[int]] | None = None,
     prompt_ids: Sequence[Sequence[int]] | None = None,
-    argmax: torch.Tensor | None = None,
+    argmax: torch.Tensor | Sequence[int] | None = None,
 ) -> list[int]:
     """Draw one token id per row of `logits` (B, V), each row with its own params and generator.
 
@@ -291,11 +291,17 @@ def sample(
     result = [0] * B
     plain_greedy = [i for i, p in enumerate(row_params) if p.greedy and not p.has_penalties]
     if plain_greedy:
-        if argmax is not None:
-            tops = argmax.view(-1)[plain_greedy] if len(plain_greedy) < B else argmax.view(-1)
+        if isinstance(argmax, torch.Tensor):
+            tops = argmax.view(-1).tolist()
+        elif argmax is not None:
+            tops = list(argmax)
         else:
-            tops = (logits if len(plain_greedy) == B else logits[plain_greedy]).argmax(dim=-1)
-        for i, token in zip(plain_greedy, tops.tolist(), strict=True):
+            tops = None
+        if tops is not None:
+            tops = [tops[i] for i in plain_greedy] if len(plain_greedy) < B else tops
+        else:
+            tops = (logits if len(plain_greedy) == B else logits[plain_greedy]).argmax(dim=-1).tolist()
+        for i, token in zip(plain_greedy, tops, strict=True):
             result[i] = token
     for i, p in enumerate(row_params):
         if not (p.greedy and not p.has_penalties):
