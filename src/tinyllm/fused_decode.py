@@ -188,13 +188,20 @@ class FusedDecoder:
         tensors, self.eps = _weights(model)
         self._tensors = tensors  # kept alive: the C step holds their addresses
         self._pointers = (ctypes.c_void_p * len(tensors))(*[0 if t is None else t.data_ptr() for t in tensors])
+        self._pointers_addr = ctypes.addressof(self._pointers)
         cfg = model.config
         self._config = cfg
         self._library: ctypes.CDLL | None = None
         self._fn: object = None
-        self._dims: ctypes.Array[ctypes.c_int64] | None = None
+        # per cache, by id(cache): (the cache, its K/V address array and dims array (kept alive), their addresses,
+        # its context limit)
+        self._plans: dict[int, tuple[KVCache, tuple[ctypes.Array, ctypes.Array], int, int, int]] = {}
+        self._threads = 0  # what the scratch is sized for: threads and cache positions
+        self._positions = 0
         self._scratch: torch.Tensor | None = None
-        self._kv: dict[int, tuple[KVCache, ctypes.Array[ctypes.c_void_p]]] = {}  # id(cache) -> K/V addresses
+        self._scratch_addr = 0
+        self._out: torch.Tensor | None = None  # the last `out` checked, and its address
+        self._out_addr = 0
         self.compile_s: float | None = None
 
     def warm_up(self, like: KVCache) -> None:
@@ -225,25 +232,38 @@ class FusedDecoder:
             raise RuntimeError(f"the C decode step disagrees with the eager model (max logit difference {diff:.2e})")
         if greedy[0] != int(eager.argmax()) and (eager.max() - eager.topk(2).values[0, 1]).item() > 1e-4:
             raise RuntimeError("the C decode step's greedy token differs from the eager model's")
-        self._kv.clear()  # the scratch cache's entry
+        self._plans.clear()  # the scratch cache's entry
         self.compile_s = time.perf_counter() - t
         logger.info("the C decode step is ready (%.1f s)", self.compile_s)
 
-    def _addresses(self, cache: KVCache) -> ctypes.Array[ctypes.c_void_p]:
-        entry = self._kv.get(id(cache))
-        if entry is None or entry[0] is not cache:
-            cfg = self._config
-            shape = (1, cfg.n_head, cache.max_seq_len, cfg.n_embd // cfg.n_head)
-            for t in (*cache.k, *cache.v):
-                if tuple(t.shape) != shape or t.dtype != torch.float32 or not t.is_contiguous():
-                    raise ValueError(f"the C decode step needs a contiguous float32 one-slot cache {shape}")
-            if len(cache.k) != cfg.n_layer:
-                raise ValueError(f"the cache has {len(cache.k)} layers, the model {cfg.n_layer}")
-            if len(self._kv) > 64:  # callers that make a new view per call
-                self._kv.clear()
-            pairs = [t.data_ptr() for kv in zip(cache.k, cache.v, strict=True) for t in kv]
-            entry = self._kv[id(cache)] = (cache, (ctypes.c_void_p * len(pairs))(*pairs))
-        return entry[1]
+    def _plan(self, cache: KVCache) -> tuple[KVCache, tuple[ctypes.Array, ctypes.Array], int, int, int]:
+        """Check a cache once and keep what a call passes for it (its arrays hold addresses: keep the cache)."""
+        cfg = self._config
+        shape = (1, cfg.n_head, cache.max_seq_len, cfg.n_embd // cfg.n_head)
+        for t in (*cache.k, *cache.v):
+            if tuple(t.shape) != shape or t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError(f"the C decode step needs a contiguous float32 one-slot cache {shape}")
+        if len(cache.k) != cfg.n_layer:
+            raise ValueError(f"the cache has {len(cache.k)} layers, the model {cfg.n_layer}")
+        if len(self._plans) > 64:  # callers that make a new view per call
+            self._plans.clear()
+        pairs = [t.data_ptr() for kv in zip(cache.k, cache.v, strict=True) for t in kv]
+        dims = (ctypes.c_int64 * 5)(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cache.max_seq_len)
+        limit = min(cache.max_seq_len, cfg.block_size)
+        kv = (ctypes.c_void_p * len(pairs))(*pairs)
+        plan = self._plans[id(cache)] = (cache, (kv, dims), ctypes.addressof(kv), ctypes.addressof(dims), limit)
+        self._positions = max(self._positions, cache.max_seq_len)
+        self._threads = 0  # size the scratch again
+        return plan
+
+    def _size_scratch(self, threads: int) -> None:
+        threads = max(1, min(threads, MAX_THREADS))
+        C = self._config.n_embd
+        need = 16 + 32 * threads + 9 * C + threads * (C + self._positions)  # the layout in decode_step.c
+        if self._scratch is None or self._scratch.numel() < need:
+            self._scratch = torch.empty(need)
+            self._scratch_addr = self._scratch.data_ptr()
+        self._threads = threads
 
     def decode(
         self, token: int, cache: KVCache, length: int, *, out: torch.Tensor | None = None
@@ -261,37 +281,38 @@ class FusedDecoder:
     ) -> tuple[torch.Tensor, list[int]]:
         if self._fn is None:
             raise RuntimeError("call warm_up() before decoding")
-        cfg = self._config
-        if not 0 < length <= min(cache.max_seq_len, cfg.block_size):
-            raise ValueError(f"position {length - 1} is outside the context (max {cache.max_seq_len})")
-        if not 0 <= token < cfg.vocab_size:
-            raise ValueError(f"token id {token} is outside the vocabulary ({cfg.vocab_size})")
-        kv = self._addresses(cache)
-        threads = max(1, min(torch.get_num_threads(), MAX_THREADS))
-        dims = self._dims
-        if dims is None or dims[4] != cache.max_seq_len:
-            dims = self._dims = (ctypes.c_int64 * 5)(
-                cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cache.max_seq_len
-            )
-            self._scratch = None
-        need = 16 + 32 * threads + 9 * cfg.n_embd + threads * (cfg.n_embd + cache.max_seq_len)  # decode_step.c
-        if self._scratch is None or self._scratch.numel() < need:
-            self._scratch = torch.empty(need)
+        # per call only what changes: the checks and addresses of a cache are kept (a step's Python runs cold,
+        # after the weights have streamed through the caches, so each torch call here costs microseconds)
+        plan = self._plans.get(id(cache))
+        if plan is None or plan[0] is not cache:
+            plan = self._plan(cache)
+        _, _, kv_addr, dims_addr, limit = plan
+        if not 0 < length <= limit:
+            raise ValueError(f"position {length - 1} is outside the context (max {limit})")
+        if not 0 <= token < self._config.vocab_size:
+            raise ValueError(f"token id {token} is outside the vocabulary ({self._config.vocab_size})")
+        threads = torch.get_num_threads()
+        if threads != self._threads:
+            self._size_scratch(threads)
         if out is None:
-            logits = torch.empty(1, cfg.vocab_size)
-        elif out.shape != (1, cfg.vocab_size) or out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous float32 tensor of shape (1, {cfg.vocab_size})")
+            logits = torch.empty(1, self._config.vocab_size)
+            out_addr = logits.data_ptr()
+        elif out is self._out:
+            logits, out_addr = out, self._out_addr
         else:
-            logits = out
+            if out.shape != (1, self._config.vocab_size) or out.dtype != torch.float32 or not out.is_contiguous():
+                raise ValueError(f"out must be a contiguous float32 tensor of shape (1, {self._config.vocab_size})")
+            logits, self._out, out_addr = out, out, out.data_ptr()
+            self._out_addr = out_addr
         top = self._fn(  # type: ignore[operator]
-            ctypes.addressof(dims),
-            ctypes.addressof(self._pointers),
-            ctypes.addressof(kv),
-            self._scratch.data_ptr(),
-            logits.data_ptr(),
+            dims_addr,
+            self._pointers_addr,
+            kv_addr,
+            self._scratch_addr,
+            out_addr,
             token,
             length - 1,
             self.eps,
-            threads,
+            self._threads,
         )
         return logits, [top]
