@@ -179,7 +179,7 @@ class FusedDecoder:
 
     Call `warm_up(like)` once (it builds the C step, a second the first time on a machine, and checks it
     against the eager model) with the engine's cache: a scratch cache of the same shape is written, never the
-    engine's.
+    engine's. One caller at a time (the engine's thread): calls share the decoder's scratch memory.
     """
 
     kind = "c"
