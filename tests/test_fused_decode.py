@@ -119,7 +119,7 @@ def test_any_thread_count_gives_the_same_numbers(model: GPT) -> None:
     results = []
     before = torch.get_num_threads()
     try:
-        for threads in (1, 2, 3):
+        for threads in (1, 2, 3, 5):  # 3 and 5 on this 2-core machine: threads preempted, the others steal
             torch.set_num_threads(threads)
             (cache,) = _prefilled(model, [9, 8, 7], copies=1)
             decoder = _decoder(model)
@@ -206,7 +206,7 @@ def test_bad_inputs_are_refused(model: GPT) -> None:
     logits, greedy = decoder.decode(3, cache, 3, out=out)
     assert logits is out and not out.isnan().any() and greedy == out.argmax(dim=-1).tolist()
     two_slots = KVCache.for_model(CFG, batch_size=2)
-    with pytest.raises(ValueError, match="one-slot cache"):
+    with pytest.raises(ValueError, match="one-slot CPU cache"):
         decoder.decode(3, two_slots, 3)
     assert two_slots.k[0].abs().sum() == 0  # nothing was written
 
@@ -277,3 +277,87 @@ def test_a_step_that_disagrees_with_eager_is_refused(
         engine = Engine(model, max_batch_size=1, compile="c")
     assert engine.decode_step == "eager"
     assert "disagrees with the eager model" in caplog.text
+
+
+def test_ties_and_nan_pick_the_index_torch_argmax_picks() -> None:
+    """The argmax is computed in C across the threads' runs: the first largest logit, a NaN over any number."""
+    model = _model(5)
+    prompt, token = [1, 2, 3], 7
+    (cache,) = _prefilled(model, prompt, copies=1)
+    with torch.inference_mode():
+        h = model.hidden_states(torch.tensor([prompt + [token]]))[0, -1]  # (C,) the final hidden state
+    decoder = _decoder(model)
+    wte = model.transformer.wte.weight  # tied to the head: its rows are the logits' weights
+    with torch.no_grad():
+        wte[10] = wte[80] = 50 * h / h.norm()  # rows in both threads' halves, tied and the largest
+    for nan_rows, expected in (((), 10), ((60,), 60), ((90, 60), 60)):
+        with torch.no_grad():
+            for r in nan_rows:
+                wte[r] = float("nan")
+            logits, greedy = decoder.decode(token, cache, len(prompt) + 1)
+        assert greedy == [expected] == logits.argmax(dim=-1).tolist()
+
+
+def test_another_default_dtype_changes_nothing(model: GPT) -> None:
+    """The C step's buffers are float32 whatever torch's default dtype is (they are written as floats)."""
+    (cache,) = _prefilled(model, [4, 5], copies=1)
+    before = _decoder(model).decode(6, cache, 3)
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        decoder = _decoder(model)
+        logits, greedy = decoder.decode(6, cache, 3)
+    finally:
+        torch.set_default_dtype(default)
+    assert logits.dtype == torch.float32 and torch.equal(logits, before[0]) and greedy == before[1]
+
+
+def test_weights_replaced_under_a_live_decoder_do_not_crash_it() -> None:
+    """The decoder keeps the weights' memory alive: replacing a parameter's data leaves it reading the old values."""
+    model = _model(6)
+    (cache,) = _prefilled(model, [3, 3], copies=1)
+    decoder = _decoder(model)
+    before = decoder.decode(4, cache, 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()  # the old storage would be freed if nothing else held it
+    import gc
+
+    gc.collect()
+    after = decoder.decode(4, cache, 3)
+    assert torch.equal(after[0], before[0]) and after[1] == before[1]
+
+
+@pytest.mark.parametrize("cc", ["no-such-compiler-here", "ccache-like {cc}"], ids=["missing", "with-arguments"])
+def test_a_compiler_command_with_arguments_or_missing(cc: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """$CC may carry arguments ("ccache gcc"); a $CC that does not exist fails cleanly, leaving no file behind."""
+    real = fused_decode._compiler()
+    assert real is not None
+    wrapper = tmp_path / "ccache-like"
+    wrapper.write_text('#!/bin/sh\nexec "$@"\n')  # runs its arguments, as ccache does
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(fused_decode, "_LIBRARY", None)
+    monkeypatch.setenv("TINYLLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CC", cc.replace("ccache-like", str(wrapper)).format(cc=real[0]))
+    if cc.startswith("no-such"):
+        with pytest.raises(RuntimeError, match="building the C decode step failed"):
+            fused_decode._build()
+        assert list((tmp_path / "home" / "kernels").iterdir()) == []
+    else:
+        assert fused_decode._build().tinyllm_decode_step is not None
+
+
+def test_a_corrupt_cached_library_is_built_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(fused_decode, "_LIBRARY", None)
+    monkeypatch.setenv("TINYLLM_HOME", str(tmp_path / "a"))
+    fused_decode._build()
+    (built,) = (tmp_path / "a" / "kernels").iterdir()
+    # another cache holding a file of that name that does not load (a disk that filled up mid-copy, say); not
+    # the file this process has mapped: a loaded library must never be written in place (the build replaces it)
+    corrupt = tmp_path / "b" / "kernels" / built.name
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_bytes(b"not a shared library")
+    monkeypatch.setattr(fused_decode, "_LIBRARY", None)
+    monkeypatch.setenv("TINYLLM_HOME", str(tmp_path / "b"))
+    assert fused_decode._build().tinyllm_decode_step is not None
+    assert corrupt.stat().st_size == built.stat().st_size

@@ -620,7 +620,7 @@ class Engine:
                 # the step has streamed every weight through the caches, each op and the inference-mode switch
                 # would run cold (~80 us a step, measured)
                 if self._c_logits is None:
-                    self._c_logits = torch.empty(1, self.config.vocab_size, device=self.device)
+                    self._c_logits = torch.empty(1, self.config.vocab_size, dtype=torch.float32, device=self.device)
                 logits, greedy = self._compiled.decode(seq.output[-1], cache, seq.length, out=self._c_logits)
                 return self._advance(seqs, logits, greedy=greedy)
             with torch.inference_mode():

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -53,12 +54,13 @@ _LOCK = threading.Lock()
 _LIBRARY: ctypes.CDLL | None = None
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-
-
-def _linears(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
+def _compiler() -> list[str] | None:
+    """The C compiler's command: `$CC` (which may carry arguments, e.g. "ccache gcc"), else cc, gcc or clang."""
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        return shlex.split(cc)
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [found] if found else None
 
 
 def unavailable(device: torch.device, model: nn.Module | None = None) -> str | None:
@@ -105,35 +107,52 @@ def _build() -> ctypes.CDLL:
         if compiler is None:
             raise RuntimeError("no C compiler found (install gcc, or set $CC)")
         source = SOURCE.read_bytes()
-        parts = [source, compiler.encode(), platform.machine().encode(), _cpu(), *map(str.encode, FLAGS)]
+        parts = [source, " ".join(compiler).encode(), platform.machine().encode(), _cpu(), *map(str.encode, FLAGS)]
         key = hashlib.sha256(b"\0".join(parts))
-        out_dir = tinyllm_home() / "kernels"
-        target = out_dir / f"decode_step-{key.hexdigest()[:16]}.so"
-        if not target.is_file():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            t = time.perf_counter()
-            errors = []
-            for flags in (FLAGS, FALLBACK_FLAGS):
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-                os.close(fd)
-                run = subprocess.run(
-                    [compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
-                )
-                if run.returncode == 0:
-                    os.replace(tmp, target)  # atomic: another process never loads a half-written library
-                    break
-                os.unlink(tmp)
-                errors.append(run.stderr.strip()[-2000:])
-            else:
-                raise RuntimeError(f"building the C decode step failed: {errors[-1]}")
-            logger.info("built the C decode step in %.1f s (%s)", time.perf_counter() - t, target)
-        library = ctypes.CDLL(str(target))
+        target = tinyllm_home() / "kernels" / f"decode_step-{key.hexdigest()[:16]}.so"
+        library = None
+        if target.is_file():
+            try:
+                library = ctypes.CDLL(str(target))
+            except OSError as exc:  # a truncated or foreign file: build it again
+                logger.warning("rebuilding the C decode step: %s does not load (%s)", target, exc)
+        if library is None:
+            _compile(compiler, target)
+            library = ctypes.CDLL(str(target))
         fn = library.tinyllm_decode_step
         fn.restype = ctypes.c_int64
         p = ctypes.c_void_p
         fn.argtypes = [p, p, p, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
         _LIBRARY = library
         return library
+
+
+def _compile(compiler: list[str], target: Path) -> None:
+    """Build the library into `target` (atomically: another process never loads a half-written file)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    errors = []
+    for flags in (FLAGS, FALLBACK_FLAGS):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            run = subprocess.run(
+                [*compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
+            )
+            if run.returncode == 0:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o755 & ~umask)  # mkstemp's 0600 would keep other users of a shared cache out
+                os.replace(tmp, target)
+                logger.info("built the C decode step in %.1f s (%s)", time.perf_counter() - t, target)
+                return
+            errors.append(run.stderr.strip()[-2000:])
+        except (OSError, subprocess.TimeoutExpired) as exc:  # no such program, not executable, too slow
+            errors.append(str(exc))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(f"building the C decode step failed: {errors[-1]}")
 
 
 def _weights(model: GPT) -> tuple[list[torch.Tensor | None], float]:
@@ -147,15 +166,20 @@ def _weights(model: GPT) -> tuple[list[torch.Tensor | None], float]:
         raise ValueError("the LayerNorms do not share one epsilon")
 
     def linear(m: nn.Module, n: int, k: int) -> list[torch.Tensor | None]:
-        if m.weight.shape != (n, k):
+        if m.weight.shape != (n, k) or (m.bias is not None and m.bias.shape != (n,)):
             raise ValueError(f"a linear's weight is {tuple(m.weight.shape)}, expected {(n, k)}")
         return [m.weight, m.bias]
 
     def norm(m: nn.LayerNorm) -> list[torch.Tensor | None]:
-        if not m.elementwise_affine:
-            raise ValueError("a LayerNorm without weights")
+        if not m.elementwise_affine or m.weight.shape != (C,) or (m.bias is not None and m.bias.shape != (C,)):
+            raise ValueError("a LayerNorm without weights of the model's width")
         return [m.weight, m.bias]
 
+    if tr.wte.weight.shape != (V, C) or tr.wpe.weight.shape != (model.config.block_size, C):
+        raise ValueError("the embeddings are not (vocab_size, n_embd) and (block_size, n_embd)")
+
+    if model.config.n_layer < 1 or len(tr.h) != model.config.n_layer:
+        raise ValueError("the model has no layers, or not as many as its config says")
     tensors: list[torch.Tensor | None] = [tr.wte.weight, tr.wpe.weight, *norm(tr.ln_f)]
     tensors += linear(model.lm_head, V, C)[:1]
     for block in tr.h:
@@ -187,16 +211,18 @@ class FusedDecoder:
     def __init__(self, model: GPT) -> None:
         self.model = model
         tensors, self.eps = _weights(model)
-        self._tensors = tensors  # kept alive: the C step holds their addresses
+        # the C step holds their addresses: keep the memory itself alive (detached views), so that weights replaced
+        # under a live decoder (`param.data = ...`) leave it reading the old values, never freed memory
+        self._tensors = [None if t is None else t.detach() for t in tensors]
         self._pointers = (ctypes.c_void_p * len(tensors))(*[0 if t is None else t.data_ptr() for t in tensors])
         self._pointers_addr = ctypes.addressof(self._pointers)
         cfg = model.config
         self._config = cfg
         self._library: ctypes.CDLL | None = None
         self._fn: object = None
-        # per cache, by id(cache): (the cache, its K/V address array and dims array (kept alive), their addresses,
-        # its context limit)
-        self._plans: dict[int, tuple[KVCache, tuple[ctypes.Array, ctypes.Array], int, int, int]] = {}
+        # per cache, by id(cache): (the cache, what keeps the addresses valid (its K/V tensors, the address and dims
+        # arrays), their addresses, its context limit)
+        self._plans: dict[int, tuple[KVCache, tuple[object, ...], int, int, int]] = {}
         self._threads = 0  # what the scratch is sized for: threads and cache positions
         self._positions = 0
         self._scratch: torch.Tensor | None = None
@@ -237,22 +263,24 @@ class FusedDecoder:
         self.compile_s = time.perf_counter() - t
         logger.info("the C decode step is ready (%.1f s)", self.compile_s)
 
-    def _plan(self, cache: KVCache) -> tuple[KVCache, tuple[ctypes.Array, ctypes.Array], int, int, int]:
+    def _plan(self, cache: KVCache) -> tuple[KVCache, tuple[object, ...], int, int, int]:
         """Check a cache once and keep what a call passes for it (its arrays hold addresses: keep the cache)."""
         cfg = self._config
         shape = (1, cfg.n_head, cache.max_seq_len, cfg.n_embd // cfg.n_head)
         for t in (*cache.k, *cache.v):
-            if tuple(t.shape) != shape or t.dtype != torch.float32 or not t.is_contiguous():
-                raise ValueError(f"the C decode step needs a contiguous float32 one-slot cache {shape}")
+            if tuple(t.shape) != shape or t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(f"the C decode step needs a contiguous float32 one-slot CPU cache {shape}")
         if len(cache.k) != cfg.n_layer:
             raise ValueError(f"the cache has {len(cache.k)} layers, the model {cfg.n_layer}")
         if len(self._plans) > 64:  # callers that make a new view per call
             self._plans.clear()
-        pairs = [t.data_ptr() for kv in zip(cache.k, cache.v, strict=True) for t in kv]
+        tensors = [t for kv in zip(cache.k, cache.v, strict=True) for t in kv]
+        pairs = [t.data_ptr() for t in tensors]
         dims = (ctypes.c_int64 * 5)(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, cache.max_seq_len)
         limit = min(cache.max_seq_len, cfg.block_size)
         kv = (ctypes.c_void_p * len(pairs))(*pairs)
-        plan = self._plans[id(cache)] = (cache, (kv, dims), ctypes.addressof(kv), ctypes.addressof(dims), limit)
+        keep = (tensors, kv, dims)  # the tensors too: a cache whose `k[l]` is replaced must not leave freed memory
+        plan = self._plans[id(cache)] = (cache, keep, ctypes.addressof(kv), ctypes.addressof(dims), limit)
         self._positions = max(self._positions, cache.max_seq_len)
         self._threads = 0  # size the scratch again
         return plan
@@ -262,7 +290,7 @@ class FusedDecoder:
         C = self._config.n_embd
         need = 16 + 32 * threads + 9 * C + threads * (C + self._positions)  # the layout in decode_step.c
         if self._scratch is None or self._scratch.numel() < need:
-            self._scratch = torch.empty(need)
+            self._scratch = torch.empty(need, dtype=torch.float32, device="cpu")  # not torch's default dtype
             self._scratch_addr = self._scratch.data_ptr()
         self._threads = threads
 
@@ -292,17 +320,23 @@ class FusedDecoder:
             raise ValueError(f"position {length - 1} is outside the context (max {limit})")
         if not 0 <= token < self._config.vocab_size:
             raise ValueError(f"token id {token} is outside the vocabulary ({self._config.vocab_size})")
-        threads = torch.get_num_threads()
+        threads = min(torch.get_num_threads(), MAX_THREADS)
         if threads != self._threads:
             self._size_scratch(threads)
         if out is None:
-            logits = torch.empty(1, self._config.vocab_size)
+            logits = torch.empty(1, self._config.vocab_size, dtype=torch.float32, device="cpu")
             out_addr = logits.data_ptr()
         elif out is self._out:
             logits, out_addr = out, self._out_addr
         else:
-            if out.shape != (1, self._config.vocab_size) or out.dtype != torch.float32 or not out.is_contiguous():
-                raise ValueError(f"out must be a contiguous float32 tensor of shape (1, {self._config.vocab_size})")
+            vocab = self._config.vocab_size
+            if (
+                out.shape != (1, vocab)
+                or out.dtype != torch.float32
+                or not out.is_contiguous()
+                or out.device.type != "cpu"
+            ):
+                raise ValueError(f"out must be a contiguous float32 CPU tensor of shape (1, {vocab})")
             logits, self._out, out_addr = out, out, out.data_ptr()
             self._out_addr = out_addr
         top = self._fn(  # type: ignore[operator]

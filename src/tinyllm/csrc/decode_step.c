@@ -122,14 +122,17 @@ static void layer_norm(float *out, const float *x, const float *w, const float *
 }
 
 typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
 
-static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
-/* exp of 16 floats: 2^n e^r with |r| <= ln2/2 and a degree-6 polynomial (~1 ulp), inputs clamped to [-87, 88] */
+/* exp of 16 floats: 2^n e^r with |r| <= ln2/2 and a degree-6 polynomial (within 4 ulp); 0 below -87, inputs
+   above 88 taken as 88, NaN kept */
 static inline vf vexp(vf x) {
     const vf lo = (vf){0} - 87.0f, hi = (vf){0} + 88.0f, shifter = (vf){0} + 12582912.0f; /* 1.5 * 2^23 */
-    x = select(x < lo, lo, x);
-    x = select(x > hi, hi, x);
+    const vi underflow = x < lo, nan = x != x;
+    x = vselect(underflow | nan, lo, x);
+    x = vselect(x > hi, hi, x);
     vf n = (x * 1.44269504088896341f + shifter) - shifter; /* round(x / ln2) */
     vf r = x - n * 0.693359375f - n * -2.12194440e-4f;      /* x - n ln2, in two parts */
     vf p = (vf){0} + 1.0f / 720.0f;
@@ -139,8 +142,8 @@ static inline vf vexp(vf x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    vi bits = (__builtin_convertvector(n, vi) + 127) << 23; /* 2^n */
-    return p * (vf)bits;
+    vu bits = (vu)(__builtin_convertvector(n, vi) + 127) << 23; /* 2^n, n in [-126, 127] */
+    return vselect(nan, (vf){0} + NAN, vselect(underflow, (vf){0}, p * (vf)bits));
 }
 
 /* GPT-2's GELU, tanh approximation, on 16 floats: 0.5 u (1 + tanh(z)) = u e / (e + 1) with e = exp(2z) (no
@@ -166,8 +169,9 @@ typedef struct {
 static void rows(const step_t *st, int phase, int64_t l, int64_t s, int64_t e, const float *h, float *scores,
                  float *top, int64_t *at) {
     const int64_t C = st->C, D = st->D, S = st->S, pos = st->pos;
-    const float *const *w = st->weights + W_GLOBAL + l * W_PER_LAYER;
-    float *k_cache = st->kv[2 * l], *v_cache = st->kv[2 * l + 1];
+    /* the layer's weights and cache (none for the head, where l == L) */
+    const float *const *w = l < st->L ? st->weights + W_GLOBAL + l * W_PER_LAYER : NULL;
+    float *k_cache = phase <= P_ATTN ? st->kv[2 * l] : NULL, *v_cache = phase <= P_ATTN ? st->kv[2 * l + 1] : NULL;
     switch (phase) {
     case P_QKV: /* q, k, v; k and v go straight to the cache at `pos` */
         for (int64_t r = s; r < e; r++) {
@@ -285,7 +289,7 @@ int64_t tinyllm_decode_step(const int64_t *dims, const float *const *weights, fl
             for (int phase = P_QKV; phase <= P_MPROJ; phase++, step++) {
                 if (l == st.L && phase != P_QKV) break;
                 int kind = l == st.L ? P_HEAD : phase;
-                const float *const *w = weights + W_GLOBAL + l * W_PER_LAYER;
+                const float *const *w = l < st.L ? weights + W_GLOBAL + l * W_PER_LAYER : NULL;
                 if (kind == P_QKV) layer_norm(h, st.x, w[W_LN1_W], w[W_LN1_B], C, eps);
                 if (kind == P_FC) layer_norm(h, st.x, w[W_LN2_W], w[W_LN2_B], C, eps);
                 if (kind == P_HEAD) layer_norm(h, st.x, weights[W_LNF_W], weights[W_LNF_B], C, eps);
