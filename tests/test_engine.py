@@ -459,6 +459,8 @@ def test_cli_generate(tmp_path, capsys) -> None:  # noqa: ANN001
     args = ["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "Hello", "--max-new-tokens", "5"]
     assert main([*args, "--temperature", "0", "--stream"]) == 0
     streamed = capsys.readouterr().out
+    assert main([*args, "--temperature", "0", "--stream", "--compile"]) == 0  # the C step where a compiler is
+    assert capsys.readouterr().out == streamed
     assert main([*args, "--temperature", "0", "--quantize", "int8"]) == 0
     assert streamed.startswith("Hello") and len(streamed) > len("Hello\n")
     assert capsys.readouterr().out.startswith("Hello")
