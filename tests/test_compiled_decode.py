@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from engine_helpers import run_to_end
 
 from tinyllm import compiled_decode, fused_decode
 from tinyllm.config import ModelConfig
@@ -50,21 +51,14 @@ def compiled_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return steps
 
 
-def _run(engine: Engine, prompts: list[list[int]], params: dict) -> list[list[int]]:
-    handles = [engine.submit(Request(prompt=p, params=SamplingParams(**params))) for p in prompts]
-    while engine.has_work():
-        engine.step()
-    return [h.result().token_ids for h in handles]
-
-
 def test_compiled_greedy_equals_eager_and_the_oracle(model: GPT, compiled_steps: list[int]) -> None:
     prompt = [5, 17, 3, 42, 8]
     engine = Engine(model, max_batch_size=1, compile="inductor")
     assert engine.compiled
-    (compiled,) = _run(engine, [prompt], GREEDY)
+    (compiled,) = run_to_end(engine, [prompt], GREEDY)
     # the prefill draws the first token; each of the other 23 came from a compiled step, at lengths 6..28
     assert compiled_steps == list(range(len(prompt) + 1, len(prompt) + 24))
-    (eager,) = _run(Engine(model, max_batch_size=1), [prompt], GREEDY)
+    (eager,) = run_to_end(Engine(model, max_batch_size=1), [prompt], GREEDY)
     (oracle,) = generate_naive(model, [prompt], SamplingParams(**GREEDY), eos_token_id=None)
     assert compiled == eager == oracle
     assert len(compiled) == 24
@@ -122,7 +116,7 @@ def test_inputs_that_cannot_be_placed_leave_calls_to_dynamo(model: GPT, monkeypa
     (oracle,) = generate_naive(other, [[8, 1]], SamplingParams(**GREEDY), eos_token_id=None)
     engine = Engine(other, max_batch_size=1)
     engine._compiled = decoder
-    assert _run(engine, [[8, 1]], GREEDY) == [oracle]
+    assert run_to_end(engine, [[8, 1]], GREEDY) == [oracle]
 
 
 def test_a_failing_direct_call_leaves_calls_to_dynamo(model: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,7 +131,7 @@ def test_a_failing_direct_call_leaves_calls_to_dynamo(model: GPT, monkeypatch: p
     engine = Engine(model, max_batch_size=1)
     engine._compiled = decoder
     (oracle,) = generate_naive(model, [[8, 2]], SamplingParams(**GREEDY), eos_token_id=None)
-    assert _run(engine, [[8, 2]], GREEDY) == [oracle]
+    assert run_to_end(engine, [[8, 2]], GREEDY) == [oracle]
 
 
 def test_a_lone_sequence_in_a_later_slot_decodes_compiled_and_equals_alone(
@@ -158,8 +152,8 @@ def test_a_lone_sequence_in_a_later_slot_decodes_compiled_and_equals_alone(
 
 def test_seeded_sampling_is_reproducible_when_compiled(model: GPT) -> None:
     params = dict(temperature=1.0, top_k=20, seed=1234, max_new_tokens=20, ignore_eos=True)
-    first = _run(Engine(model, max_batch_size=1, compile="inductor"), [[3, 1, 4]], params)
-    second = _run(Engine(model, max_batch_size=1, compile="inductor"), [[3, 1, 4]], params)
+    first = run_to_end(Engine(model, max_batch_size=1, compile="inductor"), [[3, 1, 4]], params)
+    second = run_to_end(Engine(model, max_batch_size=1, compile="inductor"), [[3, 1, 4]], params)
     assert first == second
 
 
@@ -169,7 +163,7 @@ def test_each_model_gets_its_own_compiled_step(model: GPT, compiled_steps: list[
     other = _model(1)
     wider = _model(2, ModelConfig(vocab_size=97, block_size=64, n_layer=3, n_head=4, n_embd=64))
     for m in (model, other, wider, model):
-        (compiled,) = _run(Engine(m, max_batch_size=1, compile="inductor"), [[2, 7, 1, 8]], GREEDY)
+        (compiled,) = run_to_end(Engine(m, max_batch_size=1, compile="inductor"), [[2, 7, 1, 8]], GREEDY)
         (oracle,) = generate_naive(m, [[2, 7, 1, 8]], SamplingParams(**GREEDY), eos_token_id=None)
         assert compiled == oracle
     assert len(compiled_steps) == 4 * 23
@@ -196,7 +190,7 @@ def test_unavailable_falls_back_to_eager_with_the_reason(
         engine = Engine(_model(3), max_batch_size=1, compile="inductor")
     assert not engine.compiled
     assert "decoding eagerly: no C++ compiler" in caplog.text
-    assert len(_run(engine, [[1, 2]], GREEDY)[0]) == 24  # and it still generates
+    assert len(run_to_end(engine, [[1, 2]], GREEDY)[0]) == 24  # and it still generates
     assert "is on cuda" in (compiled_decode.unavailable(torch.device("cuda")) or "")
 
 
@@ -212,7 +206,7 @@ def test_a_failing_compile_leaves_the_engine_eager(
     assert not engine.compiled
     assert "decoding eagerly: building the inductor decode step failed: C++ compile error: boom" in caplog.text
     (oracle,) = generate_naive(model, [[5, 5]], SamplingParams(**GREEDY), eos_token_id=None)
-    assert _run(engine, [[5, 5]], GREEDY) == [oracle]
+    assert run_to_end(engine, [[5, 5]], GREEDY) == [oracle]
 
 
 def test_background_compile_switches_over_while_decoding(model: GPT) -> None:
@@ -230,7 +224,7 @@ def test_background_compile_switches_over_while_decoding(model: GPT) -> None:
     assert engine.compiled
     (oracle,) = generate_naive(model, [prompt], SamplingParams(**long), eos_token_id=None)
     assert handle.result().token_ids == oracle
-    assert _run(engine, [prompt], long) == [oracle]
+    assert run_to_end(engine, [prompt], long) == [oracle]
 
 
 def test_inductor_options_unknown_to_this_torch_are_left_out() -> None:
@@ -268,8 +262,8 @@ def test_lossy_modes_compile_or_say_why(options: dict, compiled_steps: list[int]
     torch.manual_seed(0)
     lossy = prepare_for_inference(GPT(CFG).eval(), **options)
     engine = Engine(lossy, max_batch_size=1, compile="inductor")
-    (eager,) = _run(Engine(lossy, max_batch_size=1), [[3, 14, 15]], GREEDY)
-    assert _run(engine, [[3, 14, 15]], GREEDY) == [eager]
+    (eager,) = run_to_end(Engine(lossy, max_batch_size=1), [[3, 14, 15]], GREEDY)
+    assert run_to_end(engine, [[3, 14, 15]], GREEDY) == [eager]
     assert engine.compiled is (options.get("quantize") != "int8-dynamic")
     assert len(compiled_steps) == (23 if engine.compiled else 0)
     if not engine.compiled:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import run_to_end
 
 from tinyllm import fused_decode
 from tinyllm.config import ModelConfig
@@ -55,13 +56,6 @@ def c_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return steps
 
 
-def _run(engine: Engine, prompts: list[list[int]], params: dict) -> list[list[int]]:
-    handles = [engine.submit(Request(prompt=p, params=SamplingParams(**params))) for p in prompts]
-    while engine.has_work():
-        engine.step()
-    return [h.result().token_ids for h in handles]
-
-
 def _prefilled(model: GPT, prompt: list[int], copies: int = 2) -> list[KVCache]:
     caches = [KVCache.for_model(model.config, batch_size=1) for _ in range(copies)]
     with torch.inference_mode():
@@ -83,10 +77,10 @@ def test_c_greedy_equals_eager_and_the_oracle(config: ModelConfig, c_steps: list
     prompt = [5, 17, 3, 42, 8]
     engine = Engine(model, max_batch_size=1, compile=True)
     assert engine.decode_step == "c"
-    (fast,) = _run(engine, [prompt], GREEDY)
+    (fast,) = run_to_end(engine, [prompt], GREEDY)
     # the prefill draws the first token; each of the other 23 came from a C step, at lengths 6..28
     assert c_steps == list(range(len(prompt) + 1, len(prompt) + 24))
-    (eager,) = _run(Engine(model, max_batch_size=1), [prompt], GREEDY)
+    (eager,) = run_to_end(Engine(model, max_batch_size=1), [prompt], GREEDY)
     (oracle,) = generate_naive(model, [prompt], SamplingParams(**GREEDY), eos_token_id=None)
     assert fast == eager == oracle
     assert len(fast) == 24
@@ -162,8 +156,8 @@ def test_generation_stops_at_the_context_limit(model: GPT, c_steps: list[int]) -
 
 def test_seeded_sampling_is_reproducible(model: GPT) -> None:
     params = dict(temperature=1.0, top_k=20, seed=1234, max_new_tokens=20, ignore_eos=True)
-    first = _run(Engine(model, max_batch_size=1, compile="c"), [[3, 1, 4]], params)
-    second = _run(Engine(model, max_batch_size=1, compile="c"), [[3, 1, 4]], params)
+    first = run_to_end(Engine(model, max_batch_size=1, compile="c"), [[3, 1, 4]], params)
+    second = run_to_end(Engine(model, max_batch_size=1, compile="c"), [[3, 1, 4]], params)
     assert first == second and len(first[0]) == 20
 
 
@@ -183,7 +177,7 @@ def test_a_tiny_gpt2_decodes_as_transformers_does(tmp_path: Path) -> None:
     prompt = [3, 1, 4, 1, 5]
     engine = Engine(model, max_batch_size=1, compile="c")
     assert engine.decode_step == "c"
-    (ours,) = _run(engine, [prompt], dict(temperature=0.0, max_new_tokens=20, ignore_eos=True))
+    (ours,) = run_to_end(engine, [prompt], dict(temperature=0.0, max_new_tokens=20, ignore_eos=True))
     with torch.no_grad():
         ids = torch.tensor([prompt])
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20)
@@ -223,13 +217,16 @@ def test_other_dtypes_and_devices_say_why() -> None:
 
 
 def test_no_compiler_falls_back_to_inductor(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from tinyllm import compiled_decode
+
     monkeypatch.setattr(fused_decode, "_compiler", lambda: None)
     assert "no C compiler" in (fused_decode.unavailable(torch.device("cpu")) or "")
     engine = Engine(_model(3), max_batch_size=1, compile="c")
     assert engine.decode_step == "eager"
     assert "decoding eagerly: no C compiler found" in caplog.text
     engine = Engine(_model(3), max_batch_size=1, compile=True)
-    assert engine.decode_step in ("inductor", "eager")  # inductor where a C++ toolchain is, else eager
+    inductor_here = compiled_decode.unavailable(torch.device("cpu")) is None
+    assert engine.decode_step == ("inductor" if inductor_here else "eager")
 
 
 def test_a_failing_build_is_reported_and_the_engine_falls_back(
@@ -246,7 +243,7 @@ def test_a_failing_build_is_reported_and_the_engine_falls_back(
     assert "decoding eagerly: building the c decode step failed" in caplog.text and "error: boom" in caplog.text
     assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library left behind
     (oracle,) = generate_naive(model, [[5, 5]], SamplingParams(**GREEDY), eos_token_id=None)
-    assert _run(engine, [[5, 5]], GREEDY) == [oracle]
+    assert run_to_end(engine, [[5, 5]], GREEDY) == [oracle]
 
 
 def test_the_build_is_cached_per_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -218,7 +218,6 @@ class FusedDecoder:
         self._pointers_addr = ctypes.addressof(self._pointers)
         cfg = model.config
         self._config = cfg
-        self._library: ctypes.CDLL | None = None
         self._fn: object = None
         # per cache, by id(cache): (the cache, what keeps the addresses valid (its K/V tensors, the address and dims
         # arrays), their addresses, its context limit)
@@ -234,8 +233,7 @@ class FusedDecoder:
     def warm_up(self, like: KVCache) -> None:
         """Build (or load) the C step and check one step on a scratch cache against the eager model."""
         t = time.perf_counter()
-        self._library = _build()
-        self._fn = self._library.tinyllm_decode_step
+        self._fn = _build().tinyllm_decode_step  # the library stays loaded (`_LIBRARY`)
         scratch = KVCache.__new__(KVCache)
         scratch.k = [torch.zeros_like(k[:1]) for k in like.k]  # (1, H, S, D) per layer
         scratch.v = [torch.zeros_like(v[:1]) for v in like.v]
@@ -286,7 +284,6 @@ class FusedDecoder:
         return plan
 
     def _size_scratch(self, threads: int) -> None:
-        threads = max(1, min(threads, MAX_THREADS))
         C = self._config.n_embd
         need = 16 + 32 * threads + 9 * C + threads * (C + self._positions)  # the layout in decode_step.c
         if self._scratch is None or self._scratch.numel() < need:
@@ -320,7 +317,7 @@ class FusedDecoder:
             raise ValueError(f"position {length - 1} is outside the context (max {limit})")
         if not 0 <= token < self._config.vocab_size:
             raise ValueError(f"token id {token} is outside the vocabulary ({self._config.vocab_size})")
-        threads = min(torch.get_num_threads(), MAX_THREADS)
+        threads = max(1, min(torch.get_num_threads(), MAX_THREADS))
         if threads != self._threads:
             self._size_scratch(threads)
         if out is None:

@@ -291,16 +291,11 @@ def sample(
     result = [0] * B
     plain_greedy = [i for i, p in enumerate(row_params) if p.greedy and not p.has_penalties]
     if plain_greedy:
-        if isinstance(argmax, torch.Tensor):
-            tops = argmax.view(-1).tolist()
-        elif argmax is not None:
-            tops = list(argmax)
-        else:
-            tops = None
-        if tops is not None:
-            tops = [tops[i] for i in plain_greedy] if len(plain_greedy) < B else tops
-        else:
+        if argmax is None:
             tops = (logits if len(plain_greedy) == B else logits[plain_greedy]).argmax(dim=-1).tolist()
+        else:
+            every = argmax.view(-1).tolist() if isinstance(argmax, torch.Tensor) else list(argmax)
+            tops = [every[i] for i in plain_greedy]
         for i, token in zip(plain_greedy, tops, strict=True):
             result[i] = token
     for i, p in enumerate(row_params):
