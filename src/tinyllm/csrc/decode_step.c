@@ -25,7 +25,7 @@ enum { W_LN1_W, W_LN1_B, W_ATTN_W, W_ATTN_B, W_APROJ_W, W_APROJ_B, W_LN2_W, W_LN
        W_MPROJ_W, W_MPROJ_B, W_PER_LAYER };
 enum { D_LAYERS, D_HEADS, D_EMBD, D_VOCAB, D_POSITIONS, D_COUNT };
 #define MAX_THREADS 256
-#define CHUNK_FLOATS 16384 /* rows taken at a time: 64 KB of weights */
+#define CHUNK_FLOATS 16384 /* the fewest rows taken at a time: 64 KB of weights */
 
 /* Rows [front, back) of one thread's run still to do, in one word: the owner takes from the front, others
    from the back, both by compare-and-swap. One cache line each. */
@@ -38,7 +38,10 @@ static inline void run_set(run_t *r, int64_t lo, int64_t hi) {
     __atomic_store_n(&r->rows, ((uint64_t)hi << 32) | (uint64_t)lo, __ATOMIC_RELAXED);
 }
 
-/* Take up to `chunk` rows from the front (owner) or the back (thief) of a run; 0 when it is empty. */
+/* Take rows from the front (owner: a quarter of what is left, at least `chunk`) or the back (thief: `chunk`) of
+   a run; 0 when it is empty. The owner's pieces shrink as its run does, so few compare-and-swaps (each a locked
+   instruction, which waits for the thread's loads in flight) interrupt its stream, and the last pieces are
+   small enough for a thief to even out the end (measured: +2-3% of the roofline at ~60 GB/s over 64 KB pieces). */
 static inline int run_take(run_t *r, int64_t chunk, int from_back, int64_t *s, int64_t *e) {
     uint64_t cur = __atomic_load_n(&r->rows, __ATOMIC_RELAXED), next;
     for (;;) {
@@ -49,8 +52,9 @@ static inline int run_take(run_t *r, int64_t chunk, int from_back, int64_t *s, i
             *s = back - chunk > front ? back - chunk : front;
             next = ((uint64_t)*s << 32) | (uint64_t)front;
         } else {
+            const int64_t take = (back - front) / 4 > chunk ? (back - front) / 4 : chunk;
             *s = front;
-            *e = front + chunk < back ? front + chunk : back;
+            *e = front + take < back ? front + take : back;
             next = ((uint64_t)back << 32) | (uint64_t)*e;
         }
         if (__atomic_compare_exchange_n(&r->rows, &cur, next, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return 1;
