@@ -5,7 +5,9 @@
 #
 # SUPPLIED_DIR (docker/checkpoint/ of the build context) is used when it, or one directory in it, is a
 # checkpoint or a run directory with best/ or last/; otherwise `tinyllm train` runs for $TRAIN_MINUTES minutes ($TRAIN_ARGS
-# added). Only config.json, model.safetensors and meta.json are copied: no optimizer or training state.
+# added). Only the weights, config, metadata and the model's own tokenizer (a trained BPE travels with its
+# checkpoint) are copied: no optimizer or training state. The copy is loaded, tokenizer included, before the
+# build goes on.
 set -eu
 supplied=$1
 out=$2
@@ -31,8 +33,20 @@ else
 fi
 
 mkdir -p "$out/best"
-for f in config.json model.safetensors meta.json; do
+files=$(python -c "from tinyllm.tokenizer import RANKS_FILE, TOKENIZER_JSON; print(RANKS_FILE, TOKENIZER_JSON)")
+for f in config.json model.safetensors meta.json $files; do
     if [ -f "$found/$f" ]; then cp "$found/$f" "$out/best/$f"; fi
 done
-python -c "from tinyllm.checkpoint import load_checkpoint; c = load_checkpoint('$out/best'); print('model ready:', c.path)"
+# Loaded with a TINYLLM_HOME holding only the assets, as the final image's does: what it serves must not need
+# the builder's other caches (trained tokenizers, prepared data).
+home=$(mktemp -d)
+ln -s "${TINYLLM_HOME:-$HOME/.cache/tinyllm}/assets" "$home/assets"
+TINYLLM_HOME=$home python - "$out/best" <<'PY'
+import sys
+from tinyllm.checkpoint import load_checkpoint
+c = load_checkpoint(sys.argv[1])
+tok = c.tokenizer()
+print("model ready:", c.path, "tokenizer:", tok.name, tok.vocab_size, "tokens")
+PY
+rm -rf "$home"
 rm -rf /tmp/run

@@ -8,7 +8,8 @@
 #
 # Steps: build (timed) -> run detached on 127.0.0.1:PORT -> wait for /health -> POST /generate/custom and
 # /generate/gpt2 with curl -> check them (custom: 200, generated_text starts with the prompt; gpt2: 503 with
-# a JSON message) -> check the HEALTHCHECK, the non-root user and the CPU-only torch -> report image size
+# a JSON message) -> check the custom model's decode step (/ready: the C step with C_COMPILER=gcc, else eager) ->
+# check the HEALTHCHECK, the non-root user and the CPU-only torch -> report image size
 # and build time -> remove the container. Results go to $RESULTS (JSON) for tests/test_docker.py.
 #
 # Environment (all optional):
@@ -16,6 +17,8 @@
 #   WHEELS=/opt/wheels    TRAIN_MINUTES=2  TRAIN_ARGS=  CHECKPOINT=<run or checkpoint dir to ship instead>
 #   PORT=<free port>      NO_CACHE=1 (build from scratch)  SKIP_BUILD=1 (test the existing image)
 #   HEALTH_TIMEOUT=300    KEEP=1 (leave the container running)  RESULTS=test-artifacts/docker/results.json
+#   C_COMPILER=gcc (the Dockerfile's build arg: keep a C compiler in the image for the C decode step)
+#   EXPECT_DECODE_STEP    (what /ready must name as the custom model's decode step: c with C_COMPILER, else eager)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -32,6 +35,7 @@ TRAIN_MINUTES=${TRAIN_MINUTES:-2}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 WHEELS=${WHEELS:-/opt/wheels}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-300}
+if [[ -n "${C_COMPILER:-}" ]]; then EXPECT_DECODE_STEP=${EXPECT_DECODE_STEP:-c}; else EXPECT_DECODE_STEP=${EXPECT_DECODE_STEP:-eager}; fi
 RESULTS=${RESULTS:-$ROOT/test-artifacts/docker/results.json}
 PROMPT="The future of AI is"
 PORT=${PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
@@ -60,6 +64,7 @@ if [[ $ENGINE == podman ]]; then
 elif [[ -n "${BASE_IMAGE:-}" ]]; then
     build_args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
 fi
+[[ -n "${C_COMPILER+set}" ]] && build_args+=(--build-arg "C_COMPILER=$C_COMPILER")
 [[ "${NO_CACHE:-0}" == 1 ]] && build_args+=(--no-cache)
 
 # A checkpoint to ship instead of training: staged in docker/checkpoint/ (git-ignored) for the build only.
@@ -126,6 +131,20 @@ if $healthy; then
     echo "ready after $(($(date +%s) - start))s: $(cat "$LOGDIR/ready.json" 2>/dev/null || true)"
 fi
 
+# The custom model's batch-1 decode step builds in the background once it has loaded (the C step: ~1-2 s when
+# the image has a compiler, else it stays eager); /ready names it. The requests below then run through it.
+decode_step=""
+if $healthy; then
+    for _ in $(seq 30); do
+        curl -sS --max-time 5 "http://127.0.0.1:$PORT/ready" >"$LOGDIR/ready.json" 2>/dev/null || true
+        decode_step=$(python3 -c 'import json, sys
+print(json.load(open(sys.argv[1]))["models"]["custom"].get("decode_step", ""))' "$LOGDIR/ready.json" 2>/dev/null || true)
+        [[ $decode_step == "$EXPECT_DECODE_STEP" ]] && break
+        sleep 2
+    done
+    echo "custom model's decode step: ${decode_step:-unknown} (expected: $EXPECT_DECODE_STEP)"
+fi
+
 ask() {  # ask ROUTE -> prints the status code; the body lands in $LOGDIR/ROUTE.json
     local route=$1
     echo "\$ curl -X POST http://localhost:$PORT/generate/$route -H 'Content-Type: application/json' -d '{\"prompt\": \"$PROMPT\"}'" >&2
@@ -176,15 +195,17 @@ results = {
     "build_seconds": $build_seconds, "image_bytes": $size_bytes, "healthy": "$healthy" == "true",
     "startup_seconds": $startup_seconds, "healthcheck": "$healthcheck" == "true",
     "uid": int("$uid") if "$uid".isdigit() else None, "torch": "$torch_cuda",
+    "decode_step": "$decode_step", "expected_decode_step": "$EXPECT_DECODE_STEP",
     "custom": {"status": $custom_status, "body": custom, "ok": custom_ok},
     "gpt2": {"status": $gpt2_status, "body": gpt2, "ok": gpt2_ok},
 }
 results["passed"] = bool(
     results["healthy"] and custom_ok and gpt2_ok and results["healthcheck"]
     and results["uid"] not in (None, 0) and results["torch"].endswith(" None")
+    and results["decode_step"] == results["expected_decode_step"]
 )
 pathlib.Path(sys.argv[1]).write_text(json.dumps(results, indent=2) + "\n")
-print(json.dumps({k: results[k] for k in ("healthy", "healthcheck", "uid", "torch", "passed")}))
+print(json.dumps({k: results[k] for k in ("healthy", "healthcheck", "uid", "torch", "decode_step", "passed")}))
 sys.exit(0 if results["passed"] else 1)
 PY
 log "image $IMAGE: ${size_mb} MB; build: ${build_seconds}s; startup to /health: ${startup_seconds}s; results: $RESULTS"

@@ -30,8 +30,13 @@ def test_dockerfile_is_multi_stage_non_root_and_healthchecked():
     builder, final = _stages(text)
     assert "AS builder" in builder.splitlines()[0]
     assert "pip install" in builder and "fetch-assets" in builder and "build-checkpoint.sh" in builder
-    # The final stage takes products of the builder only: no pip, no training, no compiler.
-    assert "pip install" not in final and "apt-get" not in final
+    # The final stage takes products of the builder only: no pip, no training, and no compiler unless asked for.
+    assert "pip install" not in final
+    assert re.search(r"(?m)^ARG C_COMPILER=$", final)
+    assert [line for line in final.splitlines() if "apt-get install" in line] == [
+        "     && apt-get install -y --no-install-recommends ${C_COMPILER} libc6-dev \\"
+    ]
+    assert 'if [ -n "${C_COMPILER}" ]' in final
     assert re.search(r"(?m)^USER\s+(?!root|0\b)\w+", final), "the final image must run as a non-root user"
     assert re.search(r"(?m)^EXPOSE\s+5000\b", final)
     assert re.search(r"TINYLLM_HOST=0\.0\.0\.0", final)
@@ -59,6 +64,45 @@ def test_helper_scripts_parse():
     for script in ("docker/docker-test.sh", "docker/make-base-image.sh"):
         subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
     subprocess.run(["sh", "-n", str(ROOT / "docker/build-checkpoint.sh")], check=True)
+
+
+def test_build_checkpoint_ships_the_models_own_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The image's model is served with only the assets in TINYLLM_HOME: a checkpoint trained with a corpus BPE
+    must carry that tokenizer (it did not: the served model failed to load, "unknown tokenizer 'bpe4096-...'")."""
+    import sys
+
+    import torch
+
+    from tinyllm.checkpoint import load_checkpoint, save_checkpoint
+    from tinyllm.config import ModelConfig
+    from tinyllm.model import GPT
+    from tinyllm.tokenizer import train_bpe
+
+    text = "To be, or not to be, that is the question.\nWhether 'tis nobler in the mind to suffer.\n" * 30
+    tok = train_bpe([text], vocab_size=300)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    supplied, out = tmp_path / "supplied", tmp_path / "out"
+    save_checkpoint(supplied / "run" / "best", model=model, tokenizer=tok, optimizer={"state": {}})
+    builder_home, served_home = tmp_path / "builder-home", tmp_path / "served-home"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "TINYLLM_HOME": str(builder_home),
+    }
+    proc = subprocess.run(
+        ["sh", str(ROOT / "docker/build-checkpoint.sh"), str(supplied), str(out)],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"tokenizer: {tok.name} 300 tokens" in proc.stdout
+    shipped = sorted(p.name for p in (out / "best").iterdir())
+    assert shipped == ["config.json", "meta.json", "model.safetensors", "ranks.tiktoken", "tokenizer.json"]
+
+    monkeypatch.setenv("TINYLLM_HOME", str(served_home))  # no trained tokenizers there
+    ckpt = load_checkpoint(out / "best")
+    assert ckpt.tokenizer().name == tok.name
+    assert ckpt.tokenizer().encode(text[:80]) == tok.encode(text[:80])
+    assert torch.equal(ckpt.model.lm_head.weight, model.lm_head.weight)
 
 
 def _engine() -> str | None:
@@ -91,5 +135,7 @@ def test_image_builds_runs_and_answers_the_seed_requests(tmp_path: Path):
     assert results["healthcheck"], context
     assert results["uid"] not in (None, 0), context
     assert results["torch"].endswith(" None"), f"torch in the image is not a CPU build: {results['torch']}"
+    # No compiler in the default image: a lone request decodes eagerly, and /ready says so.
+    assert results["decode_step"] == "eager", context
     assert results["image_bytes"] < 2_000_000_000, f"image is {results['image_bytes'] / 1e9:.2f} GB"
     assert proc.returncode == 0 and results["passed"], context
