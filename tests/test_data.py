@@ -102,6 +102,25 @@ def test_single_document_is_held_out_by_position(tinyllm_home, gpt2_tokenizer, t
     assert 0.05 < len(val[0]) / len(path.read_text()) < 0.15
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The quick brown fox jumps over the lazy dog. " * 200,  # no line break at all: cut between words
+        "x" * 5000,  # nor a space: cut where the fraction falls
+        "".join(f"Line {i}.\n" for i in range(100)) + "and a last paragraph without line breaks " * 40,
+    ],
+)
+def test_single_document_without_line_breaks_is_still_held_out(tinyllm_home, gpt2_tokenizer, tmp_path, text):
+    path = tmp_path / "one.txt"
+    path.write_text(text)
+    data = prepare([path], val_fraction=0.1, progress=False)
+    (train,), (val,) = _docs_of(gpt2_tokenizer, data.tokens("train")), _docs_of(gpt2_tokenizer, data.tokens("val"))
+    assert train + val == text
+    assert 0.05 < len(val) / len(text) < 0.15
+    if " " in text:  # cut between words: the validation text opens with a word
+        assert train.endswith(" ") and not val.startswith(" ")
+
+
 def test_corpus_shorter_than_a_context_window(tinyllm_home, gpt2_tokenizer, tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text("Too short.")

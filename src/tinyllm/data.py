@@ -61,6 +61,7 @@ WRITE_TOKENS = 1 << 22  # tokens buffered per split before a write
 # A newline followed by a non-space character is always a pre-token boundary of the GPT-2 pattern, so
 # splitting there tokenizes exactly as the whole text would.
 _SAFE_BREAK = re.compile(r"\n(?=\S)")
+_WORD_BREAK = re.compile(r"\s(?=\S)")
 
 
 @dataclass(frozen=True)
@@ -238,11 +239,14 @@ def prepare(
 
 def _assign(doc_id: str, text: str, split: Split, val_fraction: float) -> list[tuple[str, str]]:
     """Which split(s) a document goes to. A corpus of one document is held out by position instead:
-    its last `val_fraction` (cut at a line break) becomes the validation text."""
+    its last `val_fraction` becomes the validation text, cut at a line break, else (a text without one after
+    that point) between words, else where it falls."""
     if split.num_documents == 1 and val_fraction > 0:
-        cut = _SAFE_BREAK.search(text, int(len(text) * (1 - val_fraction)))
-        if cut is not None:
-            return [("train", text[: cut.start() + 1]), ("val", text[cut.start() + 1 :])]
+        at = int(len(text) * (1 - val_fraction))
+        cut = _SAFE_BREAK.search(text, at) or _WORD_BREAK.search(text, at)
+        end = cut.start() + 1 if cut is not None else at
+        if 0 < end < len(text):
+            return [("train", text[:end]), ("val", text[end:])]
     return [("val" if split.is_val(doc_id) else "train", text)]
 
 
