@@ -38,10 +38,11 @@ static inline void run_set(run_t *r, int64_t lo, int64_t hi) {
     __atomic_store_n(&r->rows, ((uint64_t)hi << 32) | (uint64_t)lo, __ATOMIC_RELAXED);
 }
 
-/* Take rows from the front (owner: a quarter of what is left, at least `chunk`) or the back (thief: `chunk`) of
-   a run; 0 when it is empty. The owner's pieces shrink as its run does, so few compare-and-swaps (each a locked
-   instruction, which waits for the thread's loads in flight) interrupt its stream, and the last pieces are
-   small enough for a thief to even out the end (measured: +2-3% of the roofline at ~60 GB/s over 64 KB pieces). */
+/* Take rows from the front (owner: a quarter of what is left, between `chunk` and 16 chunks) or the back (thief:
+   `chunk`) of a run; 0 when it is empty. The owner's pieces are large while its run is, so few compare-and-swaps
+   (each a locked instruction, which waits for the thread's loads in flight) interrupt its stream (measured: +2-3%
+   of the roofline at ~60 GB/s over 64 KB pieces); they shrink as the run does, so a thief can even out the end;
+   and at most 1 MB of rows is held by a thread the OS deschedules. */
 static inline int run_take(run_t *r, int64_t chunk, int from_back, int64_t *s, int64_t *e) {
     uint64_t cur = __atomic_load_n(&r->rows, __ATOMIC_RELAXED), next;
     for (;;) {
@@ -52,7 +53,8 @@ static inline int run_take(run_t *r, int64_t chunk, int from_back, int64_t *s, i
             *s = back - chunk > front ? back - chunk : front;
             next = ((uint64_t)*s << 32) | (uint64_t)front;
         } else {
-            const int64_t take = (back - front) / 4 > chunk ? (back - front) / 4 : chunk;
+            int64_t take = (back - front) / 4 > chunk ? (back - front) / 4 : chunk;
+            take = take < 16 * chunk ? take : 16 * chunk;
             *s = front;
             *e = front + take < back ? front + take : back;
             next = ((uint64_t)back << 32) | (uint64_t)*e;
