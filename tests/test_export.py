@@ -114,3 +114,31 @@ def test_trained_tokenizer_travels_with_checkpoint_and_export(tmp_path: Path) ->
     idx = torch.tensor([tok.encode(corpus[0])[:32]])
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_exported_bpe_model_loads_back_with_its_own_tokenizer(tmp_path: Path, capsys) -> None:
+    """`--model EXPORTED_DIR` used to pair the weights with GPT-2's tokenizer: ids from the wrong vocabulary,
+    text decoded as gibberish. The directory's vocab.json now rebuilds the model's own BPE, same name."""
+    from tinyllm.checkpoint import resolve_model, tokenizer_from_meta
+    from tinyllm.tokenizer import train_bpe
+
+    corpus = ["Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 30]
+    tok = train_bpe(corpus, vocab_size=320)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+    save_checkpoint(tmp_path / "ckpt", model=model, tokenizer=tok)
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+
+    loaded, meta = resolve_model(str(tmp_path / "hf"))
+    assert meta["kind"] == "gpt2" and meta["tokenizer_dir"] == str(tmp_path / "hf")
+    assert tokenizer_from_meta(meta).name == tok.name
+    outputs = []
+    for source in ("ckpt", "hf"):
+        argv = ["generate", "--model", str(tmp_path / source), "--prompt", "Now is the winter", "--max-new-tokens"]
+        assert main([*argv, "12", "--temperature", "0"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("Now is the winter")
+    # the server's GPT-2 slot (TINYLLM_GPT2=DIR) takes the directory's tokenizer too
+    from tinyllm.server.worker import gpt2_loader
+
+    assert gpt2_loader(str(tmp_path / "hf"))().tokenizer.name == tok.name

@@ -105,3 +105,48 @@ def test_train_bpe_rejects_sizes_that_do_not_fit():
 
 def test_ranks_sha_matches_design():
     assert assets.GPT2_RANKS_SHA256.startswith("306cd27f")
+
+
+def test_hf_vocabulary_rebuilds_a_trained_bpe(tmp_path):
+    from tinyllm.export import write_gpt2_tokenizer
+    from tinyllm.tokenizer import load_hf_tokenizer
+
+    tok = train_bpe(TEXTS, vocab_size=300)
+    write_gpt2_tokenizer(tmp_path, model_max_length=64, tokenizer=tok)
+    loaded = load_hf_tokenizer(tmp_path)
+    assert (loaded.name, loaded.vocab_size, loaded.eot_token) == (tok.name, 300, 299)
+    for text in [*TEXTS, "unseen wörds 日本 and bytes \x00\x7f <|endoftext|>"]:
+        assert loaded.encode(text) == tok.encode(text)
+    # a Hugging Face directory may also hold its own tokenizer.json (not tinyllm's): the vocabulary wins
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    assert get_tokenizer(str(tmp_path)).name == tok.name
+
+
+def test_hf_vocabulary_of_gpt2_is_gpt2(tmp_path, gpt2_tokenizer):
+    from tinyllm.export import write_gpt2_tokenizer
+    from tinyllm.tokenizer import gpt2_source_tokenizer
+
+    write_gpt2_tokenizer(tmp_path, model_max_length=1024)
+    loaded = gpt2_source_tokenizer(tmp_path)
+    assert (loaded.name, loaded.vocab_size, loaded.eot_token) == ("gpt2", 50257, 50256)
+    for text in TEXTS:
+        assert loaded.encode(text) == gpt2_tokenizer.encode(text)
+    assert gpt2_source_tokenizer("openai-community/gpt2").name == "gpt2"  # a hub id: GPT-2's
+
+
+@pytest.mark.parametrize(
+    ("vocab", "message"),
+    [
+        ({"a": 0}, "no <|endoftext|> token"),
+        ({"a": 0, "<|endoftext|>": 1, "\u4e00": 2}, "not a byte-level BPE token"),
+        ({"a": 0, "b": 2, "<|endoftext|>": 3}, "ids are not 0..2"),
+    ],
+)
+def test_bad_hf_vocabulary(tmp_path, vocab, message):
+    import json
+
+    from tinyllm.tokenizer import load_hf_tokenizer
+
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(TokenizerError, match=message):
+        load_hf_tokenizer(tmp_path)

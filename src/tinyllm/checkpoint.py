@@ -41,7 +41,15 @@ from tinyllm import __version__
 from tinyllm.config import ModelConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
-from tinyllm.tokenizer import RANKS_FILE, TOKENIZER_JSON, Tokenizer, get_tokenizer, load_tokenizer, save_tokenizer
+from tinyllm.tokenizer import (
+    HF_VOCAB_FILE,
+    RANKS_FILE,
+    TOKENIZER_JSON,
+    Tokenizer,
+    get_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -504,4 +512,7 @@ def resolve_model(spec: str, *, device: torch.device | str = "cpu") -> tuple[GPT
             "a Hugging Face GPT-2 directory, or a hub id like openai-community/gpt2"
         )
     model = gpt2.load_gpt2(source, device=device)
-    return model, {"kind": "gpt2", "source": source, "tokenizer": "gpt2"}
+    meta = {"kind": "gpt2", "source": source, "tokenizer": "gpt2"}
+    if path.is_dir() and (path / HF_VOCAB_FILE).exists():  # its own vocabulary, e.g. a `tinyllm export` of a BPE model
+        meta["tokenizer_dir"] = str(path)
+    return model, meta

@@ -115,9 +115,12 @@ def gpt2_encoding_from_ranks(path: Path) -> tiktoken.Encoding:
 @functools.lru_cache(maxsize=8)
 def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     """The tokenizer called `name`: "gpt2" (resolved offline-first), a trained tokenizer's directory, or the
-    name of a trained tokenizer cached under `$TINYLLM_HOME/tokenizers`."""
+    name of a trained tokenizer cached under `$TINYLLM_HOME/tokenizers`; a Hugging Face GPT-2 directory's
+    vocabulary too (`vocab.json`)."""
     if name != "gpt2":
         for candidate in (Path(name), trained_tokenizers_dir() / name):
+            if (candidate / HF_VOCAB_FILE).exists():  # before tokenizer.json: Hugging Face names its own so
+                return load_hf_tokenizer(candidate)
             if (candidate / TOKENIZER_JSON).exists():
                 return load_tokenizer(candidate)
         raise TokenizerError(
@@ -150,6 +153,8 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
 
 TOKENIZER_JSON = "tokenizer.json"
 RANKS_FILE = "ranks.tiktoken"
+HF_VOCAB_FILE = "vocab.json"  # a Hugging Face GPT-2 tokenizer's token text -> id (with merges.txt)
+GPT2_RANKS_DIGEST = "17acb4c5fe"  # `_ranks_digest` of GPT-2's 50,256 BPE tokens
 
 
 def trained_tokenizers_dir() -> Path:
@@ -215,6 +220,57 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     return Tokenizer(encoding)
 
 
+def _ranks_digest(ranks: dict[bytes, int]) -> str:
+    """Ten hex digits naming a BPE by its tokens in rank order (the same ranks, the same name)."""
+    return hashlib.sha256(b"".join(t + b"\0" for t in sorted(ranks, key=ranks.get))).hexdigest()[:10]
+
+
+def load_hf_tokenizer(directory: str | Path) -> Tokenizer:
+    """The byte-level BPE of a Hugging Face GPT-2 directory, read from its `vocab.json`.
+
+    In a GPT-2-style byte-level BPE a token's id is its merge rank, so the vocabulary alone rebuilds it (the
+    merges file adds nothing tiktoken needs). GPT-2's own vocabulary comes back named "gpt2"; another one, such
+    as a corpus-trained tokenizer written by `tinyllm export`, under the name training gave it.
+    """
+    path = Path(directory) / HF_VOCAB_FILE
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TokenizerError(f"{path}: cannot read the vocabulary ({exc})") from None
+    if not isinstance(vocab, dict) or not isinstance(vocab.get(EOT_TEXT), int):
+        raise TokenizerError(f"{path}: not a GPT-2 vocabulary (no {EOT_TEXT} token)")
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks: dict[bytes, int] = {}
+    for text, i in vocab.items():
+        if text == EOT_TEXT:
+            continue
+        if not isinstance(i, int) or any(c not in byte_of for c in text):
+            raise TokenizerError(f"{path}: {text!r} is not a byte-level BPE token")
+        ranks[bytes(byte_of[c] for c in text)] = i
+    n_vocab = len(ranks) + 1
+    if vocab[EOT_TEXT] != n_vocab - 1 or sorted(ranks.values()) != list(range(n_vocab - 1)):
+        raise TokenizerError(f"{path}: the ids are not 0..{n_vocab - 1} with {EOT_TEXT} last")
+    digest = _ranks_digest(ranks)
+    name = "gpt2" if n_vocab == 50257 and digest == GPT2_RANKS_DIGEST else f"bpe{n_vocab}-{digest}"
+    encoding = tiktoken.Encoding(
+        name=name,
+        pat_str=GPT2_PAT_STR,
+        mergeable_ranks=ranks,
+        special_tokens={EOT_TEXT: n_vocab - 1},
+        explicit_n_vocab=n_vocab,
+    )
+    return Tokenizer(encoding)
+
+
+def gpt2_source_tokenizer(source: str | Path) -> Tokenizer:
+    """The tokenizer of a GPT-2 model `source`: a local Hugging Face directory's own vocabulary when it has one
+    (`vocab.json`), else GPT-2's (hub ids and the "gpt2" names)."""
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / HF_VOCAB_FILE).exists():
+        return load_hf_tokenizer(path)
+    return get_tokenizer("gpt2")
+
+
 def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` tokens (the last is <|endoftext|>) on `texts`.
 
@@ -243,7 +299,7 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) 
         left, right = merge.split(" ") if isinstance(merge, str) else merge
         token = bytes(byte_of[c] for c in left + right)
         ranks.setdefault(token, len(ranks))
-    digest = hashlib.sha256(b"".join(t + b"\0" for t in sorted(ranks, key=ranks.get))).hexdigest()[:10]
+    digest = _ranks_digest(ranks)
     n_vocab = len(ranks) + 1
     encoding = tiktoken.Encoding(
         name=f"bpe{n_vocab}-{digest}",

@@ -51,7 +51,7 @@ from tinyllm.data import BatchSampler, prepare, tokenizer_for
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
 from tinyllm.optim import configure_optimizer, lr_at
-from tinyllm.tokenizer import Tokenizer, get_tokenizer
+from tinyllm.tokenizer import Tokenizer, get_tokenizer, gpt2_source_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -390,8 +390,8 @@ class _Run:
             source = find_checkpoint(Path(self.cfg.init_from))
         if source is not None:
             return checkpoint_tokenizer(source)
-        if self.cfg.init_from is not None:
-            return get_tokenizer("gpt2")
+        if self.cfg.init_from is not None:  # GPT-2 weights: a local directory's own vocabulary, else GPT-2's
+            return gpt2_source_tokenizer(self.cfg.init_from)
         return tokenizer_for(self.cfg.tokenizer_spec, self.cfg.data or None, val_fraction=self.cfg.val_fraction)
 
     def _model_config(self) -> ModelConfig:

@@ -285,10 +285,10 @@ def gpt2_loader(source: str, *, device: str = "cpu") -> Loader:
 
     def load() -> LoadedModel:
         from tinyllm.gpt2 import load_gpt2
-        from tinyllm.tokenizer import get_tokenizer
+        from tinyllm.tokenizer import gpt2_source_tokenizer
 
         model = load_gpt2(source, device=device)
-        return LoadedModel(_prepare(model), get_tokenizer(), {"source": source, "kind": "gpt2"})
+        return LoadedModel(_prepare(model), gpt2_source_tokenizer(source), {"source": source, "kind": "gpt2"})
 
     return load
 
