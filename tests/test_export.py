@@ -142,3 +142,19 @@ def test_exported_bpe_model_loads_back_with_its_own_tokenizer(tmp_path: Path, ca
     from tinyllm.server.worker import gpt2_loader
 
     assert gpt2_loader(str(tmp_path / "hf"))().tokenizer.name == tok.name
+
+    # `tinyllm compare --gpt2 DIR`: the same weights on either side score and sample the same
+    from tinyllm import evaluate as ev
+    from tinyllm.sampling import SamplingParams
+
+    (tmp_path / "heldout.txt").write_text(corpus[0][:600])
+    custom, other = ev.compare_models(
+        custom=str(tmp_path / "ckpt"),
+        gpt2=str(tmp_path / "hf"),
+        prompts=["Now is the winter"],
+        data=[tmp_path / "heldout.txt"],
+        params=SamplingParams(max_new_tokens=8),
+    )
+    assert other.unavailable is None and custom.eval is not None and other.eval is not None
+    assert other.eval.bits_per_byte == pytest.approx(custom.eval.bits_per_byte, rel=1e-6)
+    assert [s.text for s in other.samples] == [s.text for s in custom.samples]

@@ -488,6 +488,7 @@ def measure_model(
     """
     from tinyllm.checkpoint import GPT2_NAMES, resolve_model, tokenizer_from_meta
     from tinyllm.gpt2 import load_gpt2
+    from tinyllm.tokenizer import gpt2_source_tokenizer
 
     source = spec if isinstance(spec, str) else type(spec).__name__
     if isinstance(spec, nn.Module):
@@ -496,6 +497,7 @@ def measure_model(
         source = f"openai-community/{spec}" if spec in GPT2_NAMES else spec
         try:
             model = load_gpt2(source, device=device)
+            tokenizer = tokenizer or gpt2_source_tokenizer(source)  # a local directory's own vocabulary
         except TinyLLMError as exc:  # unavailable (offline, no cache) or unreadable: report it, never crash
             logger.warning("GPT-2 unavailable: %s", exc)
             return ModelResults(name=name, source=source, unavailable=str(exc))
