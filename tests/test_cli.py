@@ -13,13 +13,38 @@ from tinyllm.cli import main
 def test_tokenize_json(gpt2_tokenizer, capsys):
     assert main(["tokenize", "The future of AI is", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out == {"ids": [464, 2003, 286, 9552, 318], "tokens": ["The", " future", " of", " AI", " is"]}
+    assert out == {
+        "ids": [464, 2003, 286, 9552, 318],
+        "tokens": ["The", " future", " of", " AI", " is"],
+        "tokenizer": "gpt2",
+    }
 
 
 def test_tokenize_table(gpt2_tokenizer, capsys):
     assert main(["tokenize", "Hello world"]) == 0
     out = capsys.readouterr().out
-    assert "15496  'Hello'" in out and "995  ' world'" in out and "2 tokens, 11 bytes" in out
+    assert "15496  'Hello'" in out and "995  ' world'" in out and "2 tokens, 11 bytes (gpt2, 50,257 tokens)" in out
+
+
+def test_tokenize_with_a_models_own_tokenizer(tinyllm_home, tmp_path, capsys):
+    """The default model trains its own BPE: `--model` shows its splits, `--tokenizer` a trained one's by name."""
+    from tinyllm.checkpoint import save_checkpoint
+    from tinyllm.config import ModelConfig
+    from tinyllm.export import export_hf
+    from tinyllm.model import GPT
+    from tinyllm.tokenizer import save_tokenizer, train_bpe, trained_tokenizers_dir
+
+    tok = train_bpe(["To be, or not to be, that is the question.\n" * 50], vocab_size=300)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint(tmp_path / "run" / "best", model=model, tokenizer=tok)
+    export_hf(tmp_path / "run" / "best", tmp_path / "hf")
+    save_tokenizer(tok, trained_tokenizers_dir() / tok.name)
+    expected = {"ids": tok.encode("To be, or not"), "tokens": tok.token_strings(tok.encode("To be, or not"))}
+    for option in (["--model", str(tmp_path / "run")], ["--model", str(tmp_path / "hf")], ["--tokenizer", tok.name]):
+        assert main(["tokenize", "To be, or not", "--json", *option]) == 0
+        assert json.loads(capsys.readouterr().out) == {**expected, "tokenizer": tok.name}
+    assert main(["tokenize", "x", "--model", str(tmp_path / "nowhere")]) == 2
+    assert "no model at" in capsys.readouterr().err
 
 
 def test_prepare_prints_split_statistics(tinyllm_home, gpt2_tokenizer, tmp_path, capsys):

@@ -11,8 +11,12 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tinyllm.errors import TinyLLMError
+
+if TYPE_CHECKING:
+    from tinyllm.tokenizer import Tokenizer
 
 logger = logging.getLogger("tinyllm")
 
@@ -44,25 +48,47 @@ def _add_fetch_assets(sub: argparse._SubParsersAction) -> None:
 # --- tokenize -----------------------------------------------------------------------------------
 
 
+def _model_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer of the model `spec` names (as `--model` takes it), without loading its weights."""
+    from tinyllm.checkpoint import GPT2_NAMES, checkpoint_tokenizer, find_checkpoint
+    from tinyllm.tokenizer import HF_VOCAB_FILE, get_tokenizer, load_hf_tokenizer
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and (ckpt := find_checkpoint(path)) is not None:
+        return checkpoint_tokenizer(ckpt)
+    if path.is_dir() and (path / HF_VOCAB_FILE).exists():
+        return load_hf_tokenizer(path)
+    if spec in GPT2_NAMES or (not path.exists() and spec.count("/") == 1 and not spec.startswith((".", "/", "~"))):
+        return get_tokenizer("gpt2")  # GPT-2's names and hub ids
+    raise UserError(
+        f"no model at {spec!r}: expected 'gpt2', a checkpoint or run directory, or a Hugging Face directory"
+    )
+
+
 def _cmd_tokenize(args: argparse.Namespace) -> int:
     from tinyllm.tokenizer import get_tokenizer
 
-    tok = get_tokenizer()
+    tok = _model_tokenizer(args.model) if args.model else get_tokenizer(args.tokenizer)
     ids = tok.encode(args.text)
     tokens = tok.token_strings(ids)
     if args.json:
-        print(json.dumps({"ids": ids, "tokens": tokens}, ensure_ascii=False))
+        print(json.dumps({"ids": ids, "tokens": tokens, "tokenizer": tok.name}, ensure_ascii=False))
     else:
         for i, t in zip(ids, tokens, strict=True):
             print(f"{i:>6}  {t!r}")
-        print(f"{len(ids)} tokens, {len(args.text.encode())} bytes")
+        print(f"{len(ids)} tokens, {len(args.text.encode())} bytes ({tok.name}, {tok.vocab_size:,} tokens)")
     return 0
 
 
 def _add_tokenize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenize", help="show how text splits into GPT-2 tokens")
+    p = sub.add_parser("tokenize", help="show how text splits into tokens (GPT-2's, or a model's own)")
     p.add_argument("text", help="the text to tokenize")
-    p.add_argument("--json", action="store_true", help='print {"ids": [...], "tokens": [...]}')
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--tokenizer", default="gpt2", help="gpt2 (default), a trained tokenizer's name, or a tokenizer directory"
+    )
+    which.add_argument("--model", help="the tokenizer of this checkpoint, run directory or Hugging Face directory")
+    p.add_argument("--json", action="store_true", help='print {"ids": [...], "tokens": [...], "tokenizer": name}')
     p.set_defaults(func=_cmd_tokenize)
 
 
