@@ -6,7 +6,7 @@ each. `csrc/decode_step.c` is the same math in 5 phases a layer (q/k/v, attentio
 out): each thread streams one contiguous run of rows of each matrix (two 16-lane accumulators), computes the
 LayerNorms it needs itself, and takes chunks from the end of another thread's run when done with its own.
 It reads the model's own fp32 weights in place (no copy) and writes the engine's KV cache in place. Measured
-on GPT-2-124M here (BENCHMARKS.md, runs I and J): 91-97% of the memory-bandwidth roofline at ~33 GB/s, 84-88%
+on GPT-2-124M here (BENCHMARKS.md, runs I-K): 89-100% of the memory-bandwidth roofline at ~33 GB/s, 86-88%
 at ~60 GB/s, against 84-90% and ~80% for inductor's step.
 
 Same fp32 weights, same math in another summation order (like the compiled step): greedy ids equal the eager

@@ -1,0 +1,138 @@
+"""A/B two or more versions of the C decode step (`src/tinyllm/csrc/decode_step.c`) on one GPT-2-124M-shaped model.
+
+This VM's memory bandwidth flips between two states (~33 and ~60 GB/s) within minutes, so a change to the step
+is measured by alternating the versions in one process, round after round, with a bandwidth sample (torch's
+`sum` over 512 MB on 2 MB pages) before and after each round; rounds whose two samples differ by over 8% are
+dropped, the rest are split by state and summarized as medians of each version's % of the roofline (weight
+bytes per token over the round's bandwidth) and of the per-round differences against the first version. The
+order rotates every round: the version run first after the bandwidth sample measured ~1.4 points slower at
+~60 GB/s than the same code run third (torch's threads still spinning after `sum`, probably).
+
+    .venv/bin/python benchmarks/ab_decode_step.py --variant old=/tmp/old.c --rounds 200             # kernel only
+    .venv/bin/python benchmarks/ab_decode_step.py --variant old=/tmp/old.c --rounds 100 --engine    # through the engine
+
+The current source is always the first version ("current"); `--variant NAME=FILE.c` adds others (e.g. `git show
+REV:src/tinyllm/csrc/decode_step.c > /tmp/old.c`). Kernel only: the median of 15 steps at position 101. Engine:
+a 128-token greedy generation from a 16-token prompt through `Engine(compile="c")`. Each version must keep the
+C function's signature and the scratch layout's size (16 + 32 T + 9 C + T (C + S) floats; more is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tinyllm import fused_decode
+from tinyllm.config import ModelConfig
+from tinyllm.engine import Engine, Request
+from tinyllm.kv_cache import KVCache
+from tinyllm.model import GPT
+from tinyllm.quantize import huge_page_copy, prepare_for_inference
+from tinyllm.sampling import SamplingParams
+
+FAST_GBPS = 45.0  # between this VM's two states
+MAX_SPREAD = 0.08  # rounds whose two bandwidth samples differ by more are dropped
+
+
+def build(name: str, source: Path, out_dir: Path):  # noqa: ANN201 (a ctypes function)
+    compiler = fused_decode._compiler()
+    if compiler is None:
+        sys.exit("no C compiler found")
+    target = out_dir / f"{name}.so"
+    cmd = [*compiler, *fused_decode.FLAGS, str(source), "-o", str(target), "-lm"]
+    subprocess.run(cmd, check=True)
+    fn = ctypes.CDLL(str(target)).tinyllm_decode_step
+    fn.restype = ctypes.c_int64
+    p = ctypes.c_void_p
+    fn.argtypes = [p, p, p, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+    return fn
+
+
+def median_time(fn, repeats: int) -> float:  # noqa: ANN001
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FILE.c", help="another version")
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--engine", action="store_true", help="time generations through the engine (else the kernel)")
+    ap.add_argument("--json", type=Path, help="write every round here")
+    args = ap.parse_args()
+    sources = {"current": fused_decode.SOURCE}
+    for spec in args.variant:
+        name, _, path = spec.partition("=")
+        sources[name] = Path(path)
+
+    torch.manual_seed(0)
+    model = prepare_for_inference(GPT(ModelConfig.from_name("gpt2")).eval())
+    weight_bytes = sum(p.nbytes for n, p in model.named_parameters() if p.dim() == 2 and "wpe" not in n)
+    probe = huge_page_copy(torch.randn(512 * (1 << 20) // 4))
+    engine = Engine(model, max_batch_size=1, max_seq_len=160, eos_token_id=None, compile="c")
+    decoder = engine._compiled  # the C step (built and checked against eager by the engine)
+    assert decoder is not None and decoder.kind == "c", "the C step did not build"
+    decoder._positions, decoder._threads = 1024, 0  # room for a version with a larger scratch layout
+    cache = KVCache.for_model(model.config, batch_size=1, max_seq_len=160)
+    params = SamplingParams(temperature=0, max_new_tokens=128, ignore_eos=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        fns = {name: build(name, src, Path(tmp)) for name, src in sources.items()}
+
+        def bandwidth() -> float:
+            return probe.nbytes / min(median_time(probe.sum, 1) for _ in range(3)) / 1e9
+
+        def run(fn) -> float:  # noqa: ANN001 -> seconds per token
+            decoder._fn = fn
+            if not args.engine:
+                with torch.inference_mode():
+                    return median_time(lambda: decoder.decode(5, cache, 101), 15)
+            engine.submit(Request(prompt=list(range(16)), params=params))
+            engine.step()  # prefill + first token
+            t = time.perf_counter()
+            while engine.has_work():
+                engine.step()
+            return (time.perf_counter() - t) / (params.max_new_tokens - 1)
+
+        rounds = []
+        for r in range(args.rounds):
+            before = bandwidth()
+            names = list(fns)
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotated: the first place runs slower
+            seconds = {name: run(fns[name]) for name in order}
+            after = bandwidth()
+            gbps = (before + after) / 2
+            pct = {name: 100 * weight_bytes / (s * gbps * 1e9) for name, s in seconds.items()}
+            rounds.append({"before": before, "after": after, "pct": pct})
+            print(f"round {r}: {before:.1f}/{after:.1f} GB/s " + " ".join(f"{n} {pct[n]:.1f}%" for n in names))
+    if args.json:
+        args.json.write_text(json.dumps(rounds, indent=1))
+    kept = [x for x in rounds if abs(x["before"] - x["after"]) <= MAX_SPREAD * (x["before"] + x["after"]) / 2]
+    first = next(iter(sources))
+    for state, fast in (("~33 GB/s", False), ("~60 GB/s", True)):
+        sel = [x for x in kept if ((x["before"] + x["after"]) / 2 >= FAST_GBPS) == fast]
+        if not sel:
+            continue
+        line = [f"{state}: {len(sel)} rounds"]
+        for name in sources:
+            line.append(f"{name} {statistics.median(x['pct'][name] for x in sel):.1f}%")
+            if name != first:
+                diff = statistics.median(x["pct"][name] - x["pct"][first] for x in sel)
+                line[-1] += f" ({diff:+.1f} vs {first})"
+        print(", ".join(line))
+
+
+if __name__ == "__main__":
+    main()
