@@ -50,11 +50,7 @@ def build(name: str, source: Path, out_dir: Path):  # noqa: ANN201 (a ctypes fun
     target = out_dir / f"{name}.so"
     cmd = [*compiler, *fused_decode.FLAGS, str(source), "-o", str(target), "-lm"]
     subprocess.run(cmd, check=True)
-    fn = ctypes.CDLL(str(target)).tinyllm_decode_step
-    fn.restype = ctypes.c_int64
-    p = ctypes.c_void_p
-    fn.argtypes = [p, p, p, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
-    return fn
+    return fused_decode.entry(ctypes.CDLL(str(target)))
 
 
 def median_time(fn, repeats: int) -> float:  # noqa: ANN001
@@ -92,7 +88,7 @@ def main() -> None:
         fns = {name: build(name, src, Path(tmp)) for name, src in sources.items()}
 
         def bandwidth() -> float:
-            return probe.nbytes / min(median_time(probe.sum, 1) for _ in range(3)) / 1e9
+            return probe.nbytes / min(median_time(probe.sum, 1) for _ in range(3)) / 1e9  # best of 3
 
         def run(fn) -> float:  # noqa: ANN001 -> seconds per token
             decoder._fn = fn

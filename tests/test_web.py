@@ -117,6 +117,23 @@ def _tiny_checkpoint(path: Path) -> Path:
     return save_checkpoint(path, model=model, meta={"tokenizer": "gpt2", "step": 0})
 
 
+def _paced_engine(loaded, settings):  # noqa: ANN001, ANN202 (an EngineFactory)
+    """The production engine with each step taking at least 3 ms: a 480-token generation then lasts over a second,
+    so the page's Stop lands mid-stream however fast this machine decodes the tiny model (it raced: ~1 run in 3
+    on a quiet 2-core machine finished all 480 tokens before the click)."""
+    from tinyllm.server.worker import default_engine
+
+    engine = default_engine(loaded, settings)
+    step = engine.step
+
+    def paced_step():  # noqa: ANN202
+        time.sleep(0.003)
+        return step()
+
+    engine.step = paced_step  # type: ignore[method-assign]
+    return engine
+
+
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     import uvicorn
@@ -134,7 +151,8 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         slots=2,
         load_wait_s=60.0,
     )
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    app = create_app(settings, engine_factory=_paced_engine)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test-web", daemon=True)
     thread.start()

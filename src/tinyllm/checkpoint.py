@@ -47,6 +47,7 @@ from tinyllm.tokenizer import (
     TOKENIZER_JSON,
     Tokenizer,
     get_tokenizer,
+    gpt2_source_tokenizer,
     load_tokenizer,
     save_tokenizer,
 )
@@ -480,6 +481,28 @@ def _first_existing(*paths: Path) -> Path | None:
     return next((p for p in paths if p.exists()), None)
 
 
+_MODEL_SPECS = (
+    "expected 'gpt2', a checkpoint directory, a run directory with best/ or last/, a Hugging Face GPT-2 directory, "
+    "or a hub id like openai-community/gpt2"
+)
+
+
+def _is_hub_id(spec: str, path: Path) -> bool:
+    return not path.exists() and spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+
+
+def model_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer of the model `spec` names (what `resolve_model` takes), without loading its weights."""
+    from tinyllm import gpt2  # gpt2 builds on this module
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and (ckpt := find_checkpoint(path)) is not None:
+        return checkpoint_tokenizer(ckpt)
+    if spec in GPT2_NAMES or (path.is_dir() and gpt2.is_hf_gpt2_dir(path)) or _is_hub_id(spec, path):
+        return gpt2_source_tokenizer(spec)
+    raise CheckpointError(f"no model at {spec!r}: {_MODEL_SPECS}")
+
+
 def resolve_model(spec: str, *, device: torch.device | str = "cpu") -> tuple[GPT, dict[str, Any]]:
     """A model (eval mode) and its metadata from a spec a person types.
 
@@ -501,16 +524,13 @@ def resolve_model(spec: str, *, device: torch.device | str = "cpu") -> tuple[GPT
         return loaded.model, meta
     elif path.is_dir() and gpt2.is_hf_gpt2_dir(path):
         source = str(path)
-    elif not path.exists() and spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+    elif _is_hub_id(spec, path):
         source = spec
     elif path.is_dir() and (broken := _first_existing(path / "best", path / "last", path / CONFIG_FILE)):
         load_checkpoint(broken if broken.name != CONFIG_FILE else path)  # raises why it does not load
         raise CheckpointError(f"{path} is not a loadable checkpoint")
     else:
-        raise CheckpointError(
-            f"no model at {spec!r}: expected 'gpt2', a checkpoint directory, a run directory with best/ or last/, "
-            "a Hugging Face GPT-2 directory, or a hub id like openai-community/gpt2"
-        )
+        raise CheckpointError(f"no model at {spec!r}: {_MODEL_SPECS}")
     model = gpt2.load_gpt2(source, device=device)
     meta = {"kind": "gpt2", "source": source, "tokenizer": "gpt2"}
     if path.is_dir() and (path / HF_VOCAB_FILE).exists():  # its own vocabulary, e.g. a `tinyllm export` of a BPE model

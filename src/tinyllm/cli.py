@@ -11,12 +11,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tinyllm.errors import TinyLLMError
-
-if TYPE_CHECKING:
-    from tinyllm.tokenizer import Tokenizer
 
 logger = logging.getLogger("tinyllm")
 
@@ -48,27 +44,11 @@ def _add_fetch_assets(sub: argparse._SubParsersAction) -> None:
 # --- tokenize -----------------------------------------------------------------------------------
 
 
-def _model_tokenizer(spec: str) -> Tokenizer:
-    """The tokenizer of the model `spec` names (as `--model` takes it), without loading its weights."""
-    from tinyllm.checkpoint import GPT2_NAMES, checkpoint_tokenizer, find_checkpoint
-    from tinyllm.tokenizer import HF_VOCAB_FILE, get_tokenizer, load_hf_tokenizer
-
-    path = Path(spec).expanduser()
-    if path.is_dir() and (ckpt := find_checkpoint(path)) is not None:
-        return checkpoint_tokenizer(ckpt)
-    if path.is_dir() and (path / HF_VOCAB_FILE).exists():
-        return load_hf_tokenizer(path)
-    if spec in GPT2_NAMES or (not path.exists() and spec.count("/") == 1 and not spec.startswith((".", "/", "~"))):
-        return get_tokenizer("gpt2")  # GPT-2's names and hub ids
-    raise UserError(
-        f"no model at {spec!r}: expected 'gpt2', a checkpoint or run directory, or a Hugging Face directory"
-    )
-
-
 def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from tinyllm.checkpoint import model_tokenizer
     from tinyllm.tokenizer import get_tokenizer
 
-    tok = _model_tokenizer(args.model) if args.model else get_tokenizer(args.tokenizer)
+    tok = model_tokenizer(args.model) if args.model else get_tokenizer(args.tokenizer)
     ids = tok.encode(args.text)
     tokens = tok.token_strings(ids)
     if args.json:

@@ -119,12 +119,18 @@ def _build() -> ctypes.CDLL:
         if library is None:
             _compile(compiler, target)
             library = ctypes.CDLL(str(target))
-        fn = library.tinyllm_decode_step
-        fn.restype = ctypes.c_int64
-        p = ctypes.c_void_p
-        fn.argtypes = [p, p, p, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+        entry(library)
         _LIBRARY = library
         return library
+
+
+def entry(library: ctypes.CDLL) -> ctypes._CFuncPtr:
+    """The library's `tinyllm_decode_step`, its C signature declared."""
+    fn = library.tinyllm_decode_step
+    fn.restype = ctypes.c_int64
+    p = ctypes.c_void_p
+    fn.argtypes = [p, p, p, p, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+    return fn
 
 
 def _compile(compiler: list[str], target: Path) -> None:

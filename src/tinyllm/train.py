@@ -38,10 +38,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from tinyllm.checkpoint import (
     capture_rng_state,
     checkpoint_tokenizer,
-    find_checkpoint,
     is_checkpoint,
     load_checkpoint,
     load_train_state,
+    model_tokenizer,
     resolve_model,
     restore_rng_state,
     save_checkpoint,
@@ -51,7 +51,7 @@ from tinyllm.data import BatchSampler, prepare, tokenizer_for
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
 from tinyllm.optim import configure_optimizer, lr_at
-from tinyllm.tokenizer import Tokenizer, get_tokenizer, gpt2_source_tokenizer
+from tinyllm.tokenizer import Tokenizer, get_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -385,13 +385,10 @@ class _Run:
 
     def _tokenizer(self, resume_from: Path | None) -> Tokenizer:
         """A resumed or fine-tuned model keeps its tokenizer; a new model uses `TrainConfig.tokenizer`."""
-        source = resume_from
-        if source is None and self.cfg.init_from is not None and Path(self.cfg.init_from).exists():
-            source = find_checkpoint(Path(self.cfg.init_from))
-        if source is not None:
-            return checkpoint_tokenizer(source)
-        if self.cfg.init_from is not None:  # GPT-2 weights: a local directory's own vocabulary, else GPT-2's
-            return gpt2_source_tokenizer(self.cfg.init_from)
+        if resume_from is not None:
+            return checkpoint_tokenizer(resume_from)
+        if self.cfg.init_from is not None:  # a checkpoint's own, a GPT-2 directory's own vocabulary, else GPT-2's
+            return model_tokenizer(self.cfg.init_from)
         return tokenizer_for(self.cfg.tokenizer_spec, self.cfg.data or None, val_fraction=self.cfg.val_fraction)
 
     def _model_config(self) -> ModelConfig:
