@@ -158,3 +158,39 @@ def test_exported_bpe_model_loads_back_with_its_own_tokenizer(tmp_path: Path, ca
     assert other.unavailable is None and custom.eval is not None and other.eval is not None
     assert other.eval.bits_per_byte == pytest.approx(custom.eval.bits_per_byte, rel=1e-6)
     assert [s.text for s in other.samples] == [s.text for s in custom.samples]
+
+
+def test_a_hub_id_in_the_cache_loads_offline_with_its_own_tokenizer(tmp_path: Path, monkeypatch) -> None:
+    """A hub id whose snapshot is in the Hugging Face cache loads with HF_HUB_OFFLINE=1, and takes the vocabulary
+    in its repository (it used to get GPT-2's whatever the repository held)."""
+    from huggingface_hub import constants
+
+    from tinyllm.checkpoint import model_tokenizer, resolve_model, tokenizer_from_meta
+    from tinyllm.tokenizer import gpt2_source_tokenizer, train_bpe
+
+    tok = train_bpe(
+        ["Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 30], vocab_size=320
+    )
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+    save_checkpoint(tmp_path / "ckpt", model=model, tokenizer=tok)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub-cache" / "models--someone--tiny-bpe"
+    export_hf(tmp_path / "ckpt", repo / "snapshots" / commit)  # the cache's layout: refs/main names the snapshot
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+    loaded, meta = resolve_model("someone/tiny-bpe")
+    assert meta["kind"] == "gpt2" and meta["source"] == "someone/tiny-bpe"
+    assert meta["tokenizer_dir"] == str(repo / "snapshots" / commit)
+    assert tokenizer_from_meta(meta).name == tok.name
+    assert model_tokenizer("someone/tiny-bpe").name == tok.name == gpt2_source_tokenizer("someone/tiny-bpe").name
+    idx = torch.tensor([tok.encode("Now is the winter")])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), model(idx))
+    # GPT-2's own sizes keep GPT-2's tokenizer without asking the hub; a repository without a vocabulary too
+    assert model_tokenizer("openai-community/gpt2").name == "gpt2" == gpt2_source_tokenizer("gpt2-medium").name
+    (repo / "snapshots" / commit / "vocab.json").unlink()
+    assert model_tokenizer("someone/tiny-bpe").name == "gpt2"

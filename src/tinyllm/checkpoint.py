@@ -42,7 +42,6 @@ from tinyllm.config import ModelConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
 from tinyllm.tokenizer import (
-    HF_VOCAB_FILE,
     RANKS_FILE,
     TOKENIZER_JSON,
     Tokenizer,
@@ -533,6 +532,6 @@ def resolve_model(spec: str, *, device: torch.device | str = "cpu") -> tuple[GPT
         raise CheckpointError(f"no model at {spec!r}: {_MODEL_SPECS}")
     model = gpt2.load_gpt2(source, device=device)
     meta = {"kind": "gpt2", "source": source, "tokenizer": "gpt2"}
-    if path.is_dir() and (path / HF_VOCAB_FILE).exists():  # its own vocabulary, e.g. a `tinyllm export` of a BPE model
-        meta["tokenizer_dir"] = str(path)
+    if (vocab := gpt2.vocab_dir(source)) is not None:  # its own vocabulary, e.g. a `tinyllm export` of a BPE model
+        meta["tokenizer_dir"] = str(vocab)
     return model, meta

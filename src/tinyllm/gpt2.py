@@ -205,6 +205,23 @@ def _fetch(source: str, filename: str) -> Path | None:
         raise _unavailable(source, f"{type(exc).__name__}: {exc}") from exc
 
 
+def vocab_dir(source: str) -> Path | None:
+    """The directory holding the `vocab.json` of GPT-2 model `source` (a local directory, or the hub cache's
+    snapshot of a hub id), or None where GPT-2's own tokenizer applies: OpenAI's GPT-2 sizes, and a source
+    without one (a hub repository that cannot be reached is logged and treated as such)."""
+    from tinyllm.checkpoint import GPT2_NAMES
+    from tinyllm.tokenizer import HF_VOCAB_FILE
+
+    if source in GPT2_NAMES or source.removeprefix("openai-community/") in GPT2_NAMES:
+        return None
+    try:
+        path = _fetch(source, HF_VOCAB_FILE)
+    except GPT2UnavailableError as exc:
+        logger.warning("no vocabulary for %s (%s); using GPT-2's tokenizer", source, exc)
+        return None
+    return path.parent if path is not None else None
+
+
 def _read_weights(source: str) -> tuple[dict[str, torch.Tensor], str]:
     """The raw Hugging Face state dict: model.safetensors, else its shards, else pytorch_model.bin."""
     try:

@@ -263,12 +263,12 @@ def load_hf_tokenizer(directory: str | Path) -> Tokenizer:
 
 
 def gpt2_source_tokenizer(source: str | Path) -> Tokenizer:
-    """The tokenizer of a GPT-2 model `source`: a local Hugging Face directory's own vocabulary when it has one
-    (`vocab.json`), else GPT-2's (hub ids and the "gpt2" names)."""
-    path = Path(source).expanduser()
-    if path.is_dir() and (path / HF_VOCAB_FILE).exists():
-        return load_hf_tokenizer(path)
-    return get_tokenizer("gpt2")
+    """The tokenizer of a GPT-2 model `source`: its own vocabulary when it has one (`vocab.json` in a local
+    Hugging Face directory, or in a hub id's repository or cache), else GPT-2's (and for the "gpt2" names)."""
+    from tinyllm import gpt2  # gpt2 builds on this module
+
+    directory = gpt2.vocab_dir(str(source))
+    return load_hf_tokenizer(directory) if directory is not None else get_tokenizer("gpt2")
 
 
 def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) -> Tokenizer:
