@@ -101,6 +101,21 @@ def test_temperature_flattens_or_sharpens() -> None:
     assert cold.count(0) > 290 and hot.count(0) < 150
 
 
+def test_a_tiny_temperature_samples_the_argmax_instead_of_overflowing() -> None:
+    """1e-39 passes validation: dividing the logits by it used to overflow to inf and fail the engine's step."""
+    logits = torch.tensor([[50.0, 49.0, -50.0], [-3.0, 7.0, 6.999]])
+    for t in (1e-39, 1e-30, 1e-6):
+        assert draws(logits[0], SamplingParams(temperature=t, top_k=0, top_p=1.0), n=20) == [0] * 20
+        assert sample(logits, SamplingParams(temperature=t, top_k=0, top_p=1.0)) == [0, 1]
+    scaled = apply_temperature(logits, 0.5)
+    torch.testing.assert_close(scaled.softmax(-1), (logits / 0.5).softmax(-1))  # the same distribution
+
+
+def test_nan_logits_raise_a_clear_error_when_sampled() -> None:
+    with pytest.raises(SamplingError, match="NaN or inf"):
+        sample(torch.tensor([[0.0, math.nan, 1.0]]), SamplingParams(temperature=1.0, top_k=0, top_p=1.0))
+
+
 def test_top_k_keeps_exactly_k() -> None:
     assert kept(top_k_filter(LOGITS, 2)) == {0, 1}
     assert kept(top_k_filter(LOGITS, 0)) == {0, 1, 2, 3}
@@ -212,6 +227,8 @@ def test_token_logprobs_reports_the_model_distribution() -> None:
     assert [t for t, _ in top0] == [0, 1] and [t for t, _ in top1] == [3, 2]
     assert top0[0][1] == pytest.approx(math.log(0.5), abs=1e-6)
     assert token_logprobs(logits, [0, 0])[0][1] == []
+    (_, top), _ = token_logprobs(logits, [0, 0], top_n=20)  # more alternatives than the vocabulary has
+    assert [i for i, _ in top] == sorted(range(logits.shape[-1]), key=lambda i: -float(logits[0, i]))
 
 
 def test_top_p_far_below_any_probability_keeps_the_likeliest_token():

@@ -60,7 +60,7 @@ def test_missing_models_leave_the_server_up_with_503s_that_say_how_to_fix(tmp_pa
 def test_disabled_gpt2_says_how_to_enable() -> None:
     with TestClient(create_app(SETTINGS)) as client:
         body = _flat_error(client.post("/generate/gpt2", json={"prompt": "hi"}), 503)
-        assert body["code"] == "model_unavailable" and "disabled" in body["detail"]
+        assert body["code"] == "model_disabled" and "disabled" in body["detail"]
 
 
 def test_a_slow_model_is_503_loading_until_it_is_ready(gpt2_tokenizer: Tokenizer) -> None:
@@ -101,6 +101,30 @@ def test_real_checkpoint_and_local_gpt2_directory_load(tmp_path: Path, gpt2_toke
         b = client.post("/generate/gpt2", json=body)
         assert a.status_code == b.status_code == 200
         assert a.json() == b.json()  # the same weights through both loaders
+
+
+def test_a_gpt2_directory_whose_vocabulary_the_tokenizer_overruns_is_unavailable(tmp_path: Path) -> None:
+    """No vocab.json beside a 1,000-token model: GPT-2's tokenizer was paired with it, the model said "ready",
+    and every prompt (even an empty one) was a 400 blaming the client."""
+    from safetensors.torch import save_file
+
+    from tinyllm.config import ModelConfig
+    from tinyllm.gpt2 import hf_config_dict, to_hf_state_dict
+    from tinyllm.model import GPT
+
+    small = GPT(ModelConfig(vocab_size=1000, n_layer=1, n_head=2, n_embd=32, block_size=32)).eval()
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    state = {k: v.contiguous() for k, v in to_hf_state_dict(small).items() if k != "lm_head.weight"}
+    save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    (hf_dir / "config.json").write_text(json.dumps(hf_config_dict(small.config)))
+    with TestClient(create_app(ServerSettings(checkpoint=None, gpt2=str(hf_dir), slots=1))) as client:
+        gpt2 = client.get("/ready").json()["models"]["gpt2"]
+        assert gpt2["state"] == "unavailable" and "1000-token vocabulary" in gpt2["error"]
+        r = client.post("/generate/gpt2", json={"prompt": "Hello"})
+        assert r.status_code == 503 and "vocab.json" in r.json()["detail"]
+        off = client.post("/generate/custom", json={"prompt": "Hello"})  # switched off, and the code says so
+        assert off.status_code == 503 and off.json()["code"] == "model_disabled"
 
 
 # --- auth, size, validation --------------------------------------------------------------------------------------

@@ -55,6 +55,9 @@ def client(live: tuple[str, FastAPI]) -> openai.OpenAI:
 
 def test_sdk_lists_models(client: openai.OpenAI) -> None:
     assert {m.id for m in client.models.list()} == {"custom", "gpt2"}
+    assert client.models.retrieve("gpt2").id == "gpt2"  # GET /v1/models/{id}: a 404 before
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
 
 
 def test_sdk_completion_with_logprobs(client: openai.OpenAI) -> None:

@@ -87,8 +87,47 @@ def test_seed_stream_framing_deltas_final_event_and_done(client: TestClient) -> 
 
 def test_tokenize(client: TestClient, tok: Tokenizer) -> None:
     r = client.post("/tokenize", json={"text": "Hello world"})
-    assert r.json() == {"ids": tok.encode("Hello world"), "tokens": ["Hello", " world"]}
-    assert client.post("/tokenize", json={"text": ""}).json() == {"ids": [], "tokens": []}
+    ids = tok.encode("Hello world")
+    assert r.json() == {"ids": ids, "tokens": ["Hello", " world"], "model": "custom", "tokenizer": "gpt2"}
+    empty = {"ids": [], "tokens": [], "model": "custom", "tokenizer": "gpt2"}
+    assert client.post("/tokenize", json={"text": ""}).json() == empty
+    assert client.post("/tokenize", json={"text": "Hello world", "model": "gpt2"}).json()["model"] == "gpt2"
+    missing = client.post("/tokenize", json={"text": "Hi", "model": "nope"})
+    assert missing.status_code == 404 and missing.json()["code"] == "model_not_found"
+
+
+def test_tokenize_uses_the_models_own_tokenizer(tok: Tokenizer) -> None:
+    """It said "GPT-2 tokens" while splitting with the custom model's tokenizer, whatever that was."""
+    from server_helpers import ready
+
+    from tinyllm.tokenizer import train_bpe
+
+    bpe = train_bpe(["Hello world, hello there. " * 50], vocab_size=300)
+    with serving(tok, loaders={"custom": ready(bpe), "gpt2": ready(tok, seed=1)}) as c:
+        own = c.post("/tokenize", json={"text": "Hello world"}).json()
+        assert own["model"] == "custom" and own["tokenizer"] == bpe.name and own["ids"] == bpe.encode("Hello world")
+        gpt2 = c.post("/tokenize", json={"text": "Hello world", "model": "gpt2"}).json()
+        assert gpt2["tokenizer"] == "gpt2" and gpt2["ids"] == tok.encode("Hello world")
+
+
+def test_text_that_is_not_unicode_is_a_422_not_a_500(client: TestClient) -> None:
+    """A JSON escape can hold a lone surrogate; echoing it back in UTF-8 used to fail after the generation."""
+    bodies = {
+        "/generate/custom": '{"prompt": "hi \\ud800 there", "max_new_tokens": 2}',
+        "/v1/completions": '{"prompt": "hi \\ud800", "max_tokens": 2, "echo": true}',
+        "/v1/chat/completions": '{"messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 2}',
+        "/tokenize": '{"text": "\\ud800"}',
+    }
+    for path, raw in bodies.items():
+        r = client.post(path, content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422, (path, r.text)
+        error = r.json().get("error", r.json())
+        message = error.get("message", error.get("detail"))
+        assert "lone surrogate" in message, message
+    r = client.post(
+        "/v1/completions", content='{"model": "\\ud800", "prompt": "x"}', headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422 and r.json()["error"]["param"].startswith("model")
 
 
 # --- OpenAI-compatible -------------------------------------------------------------------------------------------
@@ -100,6 +139,47 @@ def test_models_lists_both(client: TestClient) -> None:
     cards = {m["id"]: m for m in body["data"]}
     assert set(cards) == {"custom", "gpt2"}
     assert all(m["object"] == "model" and m["ready"] and m["context_length"] == BLOCK_SIZE for m in cards.values())
+
+
+def test_retrieve_a_model(client: TestClient) -> None:
+    card = client.get("/v1/models/custom")
+    assert card.status_code == 200 and card.json()["id"] == "custom" and card.json()["object"] == "model"
+    assert card.json() == next(m for m in client.get("/v1/models").json()["data"] if m["id"] == "custom")
+    missing = client.get("/v1/models/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_openai_fields_take_null_for_their_default(client: TestClient) -> None:
+    nulls = {"n": None, "stream": None, "model": None, "truncate_prompt": None, "max_tokens": 2, "temperature": 0}
+    r = client.post("/v1/completions", json={"prompt": "Hi", "echo": None, "logprobs": None, **nulls})
+    assert r.status_code == 200, r.text
+    assert (
+        r.json()["model"] == "custom" and len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+    )
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "logprobs": None, **nulls}
+    r = client.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "chat.completion" and r.json()["choices"][0]["logprobs"] is None
+
+
+def test_text_offsets_point_into_the_text_across_split_characters(client: TestClient, tok: Tokenizer) -> None:
+    """A character split over tokens counted once per token: every later offset was off."""
+    prompt = "🤖 café ⌘ 日本語 x"
+    assert any("\ufffd" in t for t in tok.token_strings(tok.encode(prompt)))  # some tokens hold part of a character
+    body = {"prompt": prompt, "max_tokens": 12, "echo": True, "logprobs": 0, "seed": 1, "temperature": 1.5}
+    (choice,) = client.post("/v1/completions", json=body).json()["choices"]
+    text, lp = choice["text"], choice["logprobs"]
+    offsets = lp["text_offset"]
+    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] <= len(text)
+    for token, at in zip(lp["tokens"], offsets, strict=True):
+        if "\ufffd" not in token:  # a whole-character token's text is where its offset says
+            assert text[at:].startswith(token), (token, at, text)
+    streamed = client.post("/v1/completions", json={**body, "stream": True})
+    chunks = [
+        c["choices"][0]["logprobs"] for c in sse_json(streamed.text) if c["choices"] and c["choices"][0]["logprobs"]
+    ]
+    completion_offsets = [at for lp in chunks for at in lp["text_offset"]]
+    assert completion_offsets == offsets[len(tok.encode(prompt)) :]  # streamed as in one piece
 
 
 def test_completion_shape_usage_and_logprobs(client: TestClient, tok: Tokenizer) -> None:
@@ -181,6 +261,7 @@ def test_chat_stream_starts_with_role_and_ends_with_finish(client: TestClient) -
 def test_health_ready_and_request_id(client: TestClient) -> None:
     r = client.get("/health", headers={"X-Request-ID": "abc-123"})
     assert r.json() == {"status": "ok"} and r.headers["x-request-id"] == "abc-123"
+    assert client.head("/health").status_code == 200  # load balancers probe with HEAD
     generated = client.get("/health").headers["x-request-id"]
     assert len(generated) == 32
     ready = client.get("/ready")

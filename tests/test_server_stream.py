@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import pytest
@@ -75,7 +76,24 @@ async def _disconnect_mid_stream(
         freed_after = time.perf_counter() - t0
         await asyncio.wait_for(task, 5)
         generated = worker.engine.tokens_generated
-    return {"status": start.get("status"), "chunks": chunks, "freed_after": freed_after, "generated": generated}
+        counted = -1.0  # the metrics count the cancelled request's tokens too, though no one reads its events now
+        for _ in range(200):
+            counted = _metric(app, "tinyllm_generated_tokens_total")
+            if counted == generated:
+                break
+            await asyncio.sleep(0.01)
+    return {
+        "status": start.get("status"),
+        "chunks": chunks,
+        "freed_after": freed_after,
+        "generated": generated,
+        "counted": counted,
+    }
+
+
+def _metric(app, name: str) -> float:  # noqa: ANN001
+    m = re.search(rf'^{name}{{model="custom"}} (\S+)$', app.state.metrics.render().decode(), re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 @pytest.mark.parametrize(
@@ -93,6 +111,7 @@ def test_disconnect_mid_stream_cancels_the_request(gpt2_tokenizer: Tokenizer, pa
     assert out["status"] == 200
     assert out["freed_after"] < 0.5  # at once: within a step or two, not after the remaining ~50 tokens
     assert out["generated"] < 20
+    assert out["counted"] == out["generated"] > 0  # /metrics used to miss a disconnected request's tokens
     assert all(c.startswith(b"data: ") for c in out["chunks"])
 
 
@@ -103,3 +122,4 @@ def test_disconnect_while_waiting_for_a_plain_answer_cancels_too(gpt2_tokenizer:
     out = asyncio.run(_disconnect_mid_stream(app, "/generate/custom", body, after_s=0.2))
     assert out["freed_after"] < 1.0  # polled twice a second
     assert out["generated"] < 50
+    assert out["counted"] == out["generated"] > 0

@@ -94,9 +94,24 @@ class Checkpoint:
         return checkpoint_tokenizer(self.path, self.meta)
 
 
-def tokenizer_from_meta(meta: Mapping[str, Any]) -> Tokenizer:
-    """The tokenizer a `resolve_model` meta describes (a checkpoint's own files first, else by name)."""
-    return get_tokenizer(str(meta.get("tokenizer_dir") or meta.get("tokenizer", "gpt2")))
+def tokenizer_from_meta(meta: Mapping[str, Any], model: GPT | None = None) -> Tokenizer:
+    """The tokenizer a `resolve_model` meta describes (a checkpoint's own files first, else by name); with
+    `model`, checked to fit its vocabulary (`check_tokenizer_fits`)."""
+    tokenizer = get_tokenizer(str(meta.get("tokenizer_dir") or meta.get("tokenizer", "gpt2")))
+    if model is not None:
+        check_tokenizer_fits(model, tokenizer, str(meta.get("source", "the model")))
+    return tokenizer
+
+
+def check_tokenizer_fits(model: GPT, tokenizer: Tokenizer, source: str) -> None:
+    """A `CheckpointError` when the tokenizer makes ids past the model's vocabulary (a Hugging Face directory
+    without the vocab.json it was trained with gets GPT-2's): every prompt would fail, so it fails at load."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(
+            f"{source}: its tokenizer ({tokenizer.name}, {tokenizer.vocab_size} tokens) makes ids past the model's "
+            f"{model.config.vocab_size}-token vocabulary; put the vocab.json of the tokenizer it was trained with "
+            "beside its weights"
+        )
 
 
 def checkpoint_tokenizer(path: str | Path, meta: Mapping[str, Any] | None = None) -> Tokenizer:

@@ -428,7 +428,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )  # validated before the model loads
     model, meta = resolve_model(args.model, device=args.device)
     prepare_for_inference(model, dtype=args.dtype, quantize=args.quantize)
-    tok = tokenizer_from_meta(meta)
+    tok = tokenizer_from_meta(meta, model)
     prompt = tok.encode(args.prompt) or [tok.eot_token]  # an empty prompt starts from end-of-text, as GPT-2 does
     options = dict(eos_token_id=tok.eot_token, tokenizer=tok, truncate=True, compile=args.compile)
     start = time.perf_counter()

@@ -291,7 +291,7 @@ def evaluate_model(
         from tinyllm.checkpoint import resolve_model, tokenizer_from_meta
 
         model, meta = resolve_model(model, device=device)
-        tokenizer = tokenizer_from_meta(meta)
+        tokenizer = tokenizer_from_meta(meta, model)
     tokens, nbytes, what = held_out_stream(data, split=split, tokenizer=tokenizer)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and int(tokens.max()) >= vocab:
@@ -486,7 +486,7 @@ def measure_model(
         progress: show a progress bar while scoring.
         tokenizer: a module's tokenizer (default GPT-2's); a checkpoint spec brings its own.
     """
-    from tinyllm.checkpoint import GPT2_NAMES, resolve_model, tokenizer_from_meta
+    from tinyllm.checkpoint import GPT2_NAMES, check_tokenizer_fits, resolve_model, tokenizer_from_meta
     from tinyllm.gpt2 import load_gpt2
     from tinyllm.tokenizer import gpt2_source_tokenizer
 
@@ -498,13 +498,14 @@ def measure_model(
         try:
             model = load_gpt2(source, device=device)
             tokenizer = tokenizer or gpt2_source_tokenizer(source)  # a local directory's own vocabulary
+            check_tokenizer_fits(model, tokenizer, source)
         except TinyLLMError as exc:  # unavailable (offline, no cache) or unreadable: report it, never crash
             logger.warning("GPT-2 unavailable: %s", exc)
             return ModelResults(name=name, source=source, unavailable=str(exc))
     else:
         model, meta = resolve_model(spec, device=device)
         source = str(meta.get("source", source))
-        tokenizer = tokenizer_from_meta(meta)
+        tokenizer = tokenizer_from_meta(meta, model)
     tokenizer = tokenizer or get_tokenizer()
     result = ModelResults(name=name, source=source)
     if data is None and not skip_eval:

@@ -9,7 +9,9 @@ the 2-core CPU (BENCHMARKS.md, "Decoding"; `transformers` fp32 `generate`: 26 to
 - ``bfloat16``: half the bytes, lossy (the whole model and its KV cache in bf16): 42 tokens/s at batch 1,
   but the fastest float prefill.
 - ``quantize="int8"``: weight-only int8, one scale per output channel, activations rounded to bf16 for the
-  matmul, everything else fp32: 75 tokens/s, loss +0.001% on a trained model.
+  matmul, everything else fp32: 75 tokens/s, loss +0.001% on a trained model. Up to 16 rows (tokens x
+  sequences) use the fused kernel, more a dequantized bf16 matmul, which rounds differently (within a bf16
+  step): a prompt prefilled with others, or a batch of over 16 sequences, can sample differently than alone.
 - ``quantize="int8-dynamic"``: fbgemm's int8 weights and per-call int8 activations: 118 tokens/s and the best
   batched throughput, loss +0.02%; a row's activations share a scale with its batch-mates, so results are
   not batch-invariant.

@@ -2,7 +2,9 @@
 
 The order is the one Hugging Face and vLLM use: penalties -> temperature -> top-k -> top-p -> min-p -> draw.
 Temperature 0 means argmax (after penalties). Randomness comes only from the `torch.Generator` passed in,
-one per request, so the same seed gives the same tokens whatever else shares the batch.
+one per request, so the same seed gives the same tokens whatever else shares the batch (given the same logits:
+fp32 models compute a row's logits alike alone or in a batch up to rounding; the int8 modes do not, see
+`tinyllm.quantize`).
 
 Shapes: B batch (rows), V vocabulary.
 """
@@ -160,10 +162,16 @@ def apply_penalties(
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Divide by the temperature (which must be > 0; temperature 0 is handled as argmax by `sample`)."""
+    """Divide by the temperature (which must be > 0; temperature 0 is handled as argmax by `sample`).
+
+    Below 1 the row's largest logit is subtracted first (the same softmax): the largest becomes 0 and the others
+    tend to -inf as the temperature does, instead of overflowing to inf (whose softmax is NaN).
+    """
     if temperature <= 0:
         raise SamplingError("temperature 0 means greedy: take the argmax instead of scaling")
-    return logits if temperature == 1.0 else logits / temperature
+    if temperature >= 1.0:
+        return logits if temperature == 1.0 else logits / temperature
+    return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -260,7 +268,10 @@ def _sample_row(
     if 0 < params.top_k < logits.shape[-1]:
         logits, index = logits.topk(params.top_k)  # (k,), (k,)
     logits = min_p_filter(top_p_filter(logits, params.top_p), params.min_p)
-    choice = int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator))
+    probs = logits.softmax(dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # a NaN or inf logit: the model's numbers broke, not the request's
+        raise SamplingError("cannot sample: the model's logits hold NaN or inf")
+    choice = int(torch.multinomial(probs, 1, generator=generator))
     return int(index[choice]) if index is not None else choice
 
 
@@ -316,6 +327,6 @@ def token_logprobs(
     chosen = logp.gather(-1, torch.tensor(token_ids, device=logp.device).view(-1, 1)).view(-1).tolist()
     if top_n <= 0:
         return [(lp, []) for lp in chosen]
-    values, indices = logp.topk(top_n, dim=-1)  # (B, top_n)
+    values, indices = logp.topk(min(top_n, logp.shape[-1]), dim=-1)  # (B, top_n), at most the vocabulary
     tops = [list(zip(ix, vs, strict=True)) for ix, vs in zip(indices.tolist(), values.tolist(), strict=True)]
     return list(zip(chosen, tops, strict=True))

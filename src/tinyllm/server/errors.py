@@ -15,6 +15,7 @@ to the log and never to the client.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -123,9 +124,17 @@ def error_body(
     return {"detail": message, "type": type, "param": param, "code": code}
 
 
+class _EscapedJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote the client's text, and a lone surrogate in it
+    (valid in JSON's escapes, not in UTF-8) must not turn the error into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(path: str, error: APIError) -> JSONResponse:
     body = error_body(path, message=error.message, type=error.type, param=error.param, code=error.code)
-    return JSONResponse(body, status_code=error.status, headers=error.headers or None)
+    return _EscapedJSONResponse(body, status_code=error.status, headers=error.headers or None)
 
 
 def internal_error_response(path: str) -> JSONResponse:
@@ -134,8 +143,17 @@ def internal_error_response(path: str) -> JSONResponse:
     return JSONResponse(body, status_code=500)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def _loc_to_param(loc: Sequence[Any]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    """The field a pydantic error location names ("messages.0.content"), without the location's kind and the
+    tags pydantic adds for a union's branches ("str", "list[constrained-int]", "function-after[...]")."""
+    parts = [
+        str(p)
+        for p in loc
+        if isinstance(p, int) or (str(p).isidentifier() and p not in _UNION_TAGS | {"body", "query", "path", "header"})
+    ]
     return ".".join(parts) or None
 
 
@@ -148,11 +166,12 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
         pos = first.get("loc", ("body", "?"))[-1]
         reason = (first.get("ctx") or {}).get("error", "JSON decode error")
         return APIError(f"request body is not valid JSON ({reason} at position {pos})", code="invalid_json")
-    messages = []
-    for err in errors[:5]:
+    by_field: dict[str, str] = {}  # a union's branches fail at one field: its first branch's reason is the one
+    for err in errors:
         where = _loc_to_param(err.get("loc", ())) or "body"
-        messages.append(f"{where}: {err.get('msg', 'invalid')}")
-    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        by_field.setdefault(where, str(err.get("msg", "invalid")).removeprefix("Value error, "))
+    messages = [f"{where}: {msg}" for where, msg in list(by_field.items())[:5]]
+    more = f" (and {len(by_field) - 5} more)" if len(by_field) > 5 else ""
     return APIError("; ".join(messages) + more, param=_loc_to_param(first.get("loc", ())), status=422)
 
 

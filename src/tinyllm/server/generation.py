@@ -14,6 +14,7 @@ A client that disconnects cancels every unfinished request of the group at once,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -30,6 +31,7 @@ from tinyllm.server.worker import ModelWorker, TaggedEvent
 logger = logging.getLogger(__name__)
 
 _DISCONNECT_POLL_S = 0.5
+_COUNT_REST_TIMEOUT_S = 30.0  # after close(), how long the remaining events are awaited for the metrics
 
 
 @dataclass
@@ -78,6 +80,7 @@ class GenerationGroup:
         self._first_token_at: float | None = None
         self._next_poll = self._start + _DISCONNECT_POLL_S
         self._finished = 0
+        self._counting: asyncio.Task[None] | None = None
 
     @property
     def done(self) -> bool:
@@ -99,6 +102,24 @@ class GenerationGroup:
             if self.choices[i].finish_reason is None and not handle.done:
                 self.worker.cancel(handle)
 
+    def close(self) -> None:
+        """The consumer is gone: cancel what is unfinished, and count the tokens of the events nobody will read
+        (the cancelled requests' last ones) into the metrics in the background (idempotent)."""
+        self.cancel()
+        if self.done or self._counting is not None:
+            return
+        with contextlib.suppress(RuntimeError):  # no running event loop: nothing can arrive any more
+            self._counting = asyncio.get_running_loop().create_task(self._count_the_rest())
+
+    async def _count_the_rest(self) -> None:
+        while not self.done:
+            try:
+                index, event = await asyncio.wait_for(self._queue.get(), timeout=_COUNT_REST_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                return
+            with contextlib.suppress(Exception):  # an engine error here has no one to answer
+                self._apply(index, event)
+
     async def events(self) -> AsyncIterator[TaggedEvent]:
         """Events as they come, each already applied to `self.choices`, until every choice has finished.
 
@@ -114,7 +135,7 @@ class GenerationGroup:
                     continue
                 yield event
         finally:
-            self.cancel()  # on any exit (including the consumer closing us) nothing keeps running
+            self.close()  # on any exit (including the consumer closing us) nothing keeps running
 
     async def _next(self) -> TaggedEvent | None:
         now = time.perf_counter()
@@ -146,7 +167,7 @@ class GenerationGroup:
             waited = time.perf_counter() - self._start
             logger.warning("request timed out after %.1f s without a slot (model %s)", waited, self.worker.name)
             raise UnavailableError(
-                f"no slot became free within {waited:.0f} s: the server is busy; retry later",
+                f"no slot became free within {waited:.1f} s: the server is busy; retry later",
                 code="timeout",
                 headers={"Retry-After": "5"},
             )
@@ -236,4 +257,4 @@ class EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._group.cancel()
+            self._group.close()

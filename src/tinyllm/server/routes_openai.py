@@ -36,6 +36,7 @@ from tinyllm.server.schemas_openai import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ModelCard,
     ModelList,
     openai_error_responses,
 )
@@ -49,14 +50,19 @@ _ERRORS = openai_error_responses(400, 401, 404, 413, 422, 429, 503)
 _STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when `stream` is true"}}
 
 
+def _card(request: Request, worker: ModelWorker) -> dict[str, Any]:
+    created = request.app.state.started
+    return {**worker.describe(), "object": "model", "created": created, "owned_by": "tinyllm", "ready": worker.ready}
+
+
 @router.get("/models", response_model=ModelList, summary="The models this server offers", responses=_ERRORS)
 async def list_models(request: Request) -> dict[str, Any]:
-    created = request.app.state.started
-    cards = []
-    for worker in request.app.state.workers.values():
-        info = worker.describe()
-        cards.append({**info, "object": "model", "created": created, "owned_by": "tinyllm", "ready": worker.ready})
-    return {"object": "list", "data": cards}
+    return {"object": "list", "data": [_card(request, w) for w in request.app.state.workers.values()]}
+
+
+@router.get("/models/{model}", response_model=ModelCard, summary="One model (404 for an unknown id)", responses=_ERRORS)
+async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
+    return _card(request, worker_for(request, model))
 
 
 # --- shared ------------------------------------------------------------------------------------------------------
@@ -136,25 +142,41 @@ async def _prompt_ids(body: CompletionRequest, tokenizer: Tokenizer) -> list[tup
     return out
 
 
+class _TextOffsets:
+    """Where each token's text starts in a choice's text, in characters: the text decoded before it. A token
+    that ends inside a character adds nothing until the character's last byte arrives (so the text at a
+    token's offset starts with the character its bytes belong to)."""
+
+    def __init__(self, tokenizer: Tokenizer, start: int = 0) -> None:
+        self._decoder = tokenizer.incremental_decoder()
+        self.at = start
+
+    def take(self, token: int) -> int:
+        at = self.at
+        self.at += len(self._decoder.add(token))
+        return at
+
+
 def _completion_logprobs(
-    tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob], *, offset: int, prompt_ids: Sequence[int] = ()
+    tokenizer: Tokenizer,
+    logprobs: Sequence[TokenLogprob],
+    offsets: _TextOffsets,
+    *,
+    prompt_ids: Sequence[int] = (),
 ) -> dict[str, Any]:
     """OpenAI's legacy logprobs object: tokens, token_logprobs, top_logprobs (dicts), text_offset."""
     out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    echoed = _TextOffsets(tokenizer)  # the prompt starts the text
     for token in prompt_ids:  # echoed prompt tokens: no log-probabilities computed
-        text = tokenizer.token_strings([token])[0]
-        out["tokens"].append(text)
+        out["tokens"].append(tokenizer.token_strings([token])[0])
         out["token_logprobs"].append(None)
         out["top_logprobs"].append(None)
-        out["text_offset"].append(offset)
-        offset += len(text)
+        out["text_offset"].append(echoed.take(token))
     for lp in logprobs:
-        text = tokenizer.token_strings([lp.token_id])[0]
-        out["tokens"].append(text)
+        out["tokens"].append(tokenizer.token_strings([lp.token_id])[0])
         out["token_logprobs"].append(lp.logprob)
         out["top_logprobs"].append({tokenizer.token_strings([t])[0]: v for t, v in lp.top})
-        out["text_offset"].append(offset)
-        offset += len(text)
+        out["text_offset"].append(offsets.take(lp.token_id))
     return out
 
 
@@ -188,7 +210,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         logprobs = None
         if want_lp:
             echoed = prompt_ids if body.echo else ()
-            logprobs = _completion_logprobs(tokenizer, choice.logprobs, offset=0, prompt_ids=echoed)
+            offsets = _TextOffsets(tokenizer, len(prompt_text) if body.echo else 0)
+            logprobs = _completion_logprobs(tokenizer, choice.logprobs, offsets, prompt_ids=echoed)
         text = prompt_text + choice.text if body.echo else choice.text
         choices.append(
             {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
@@ -204,7 +227,7 @@ async def _completion_chunks(
     tokenizer: Tokenizer,
     meta: dict[str, Any],
 ) -> AsyncIterator[str]:
-    offsets = [0] * len(group.choices)  # text_offset per choice
+    offsets = [_TextOffsets(tokenizer) for _ in group.choices]  # text_offset per choice
 
     def chunk(index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> str:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
@@ -212,7 +235,7 @@ async def _completion_chunks(
 
     if body.echo:
         for c in group.choices:
-            offsets[c.index] = len(prompts[c.index // body.n][0])
+            offsets[c.index].at = len(prompts[c.index // body.n][0])
             yield chunk(c.index, prompts[c.index // body.n][0], None, None)
 
     def from_event(index: int, event: Any) -> str | None:
@@ -220,8 +243,7 @@ async def _completion_chunks(
         finish = choice.finish_reason if event.finish_reason is not None else None
         logprobs = None
         if body.logprobs is not None and event.logprobs:
-            logprobs = _completion_logprobs(tokenizer, event.logprobs, offset=offsets[index])
-            offsets[index] += sum(len(t) for t in logprobs["tokens"])
+            logprobs = _completion_logprobs(tokenizer, event.logprobs, offsets[index])
         if not event.text and logprobs is None and finish is None:
             return None
         return chunk(index, event.text, logprobs, finish)

@@ -23,6 +23,7 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/health", response_model=HealthResponse, summary="Liveness: the process answers HTTP")
+@router.head("/health", include_in_schema=False)  # load balancers' and uptime checkers' probe
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 

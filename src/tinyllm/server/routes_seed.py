@@ -120,16 +120,16 @@ async def _stream(group: GenerationGroup, prompt: str, path: str) -> AsyncIterat
         yield sse(json.dumps(error_body(path, message=error.message, type=error.type, code=error.code)))
         yield SSE_DONE
     finally:
-        group.cancel()
+        group.close()
 
 
 @router.post(
     "/tokenize",
     response_model=TokenizeResponse,
-    summary="Split text into GPT-2 tokens",
-    responses=error_responses(400, 401, 413, 422, 503),
+    summary="Split text into a model's tokens",
+    responses=error_responses(400, 401, 404, 413, 422, 503),
 )
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
-    tokenizer = await tokenizer_of(request)
+    model, tokenizer = await tokenizer_of(request, body.model)
     ids = await encode(tokenizer, body.text) if body.text else []
-    return TokenizeResponse(ids=ids, tokens=tokenizer.token_strings(ids))
+    return TokenizeResponse(ids=ids, tokens=tokenizer.token_strings(ids), model=model, tokenizer=tokenizer.name)

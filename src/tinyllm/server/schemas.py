@@ -9,14 +9,30 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_NEW_TOKENS_BOUND = 4096  # the schema's bound; the server's own cap (`max_new_tokens_cap`) may be lower
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_SEED = 2**63 - 1
 
-StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+def _encodable(text: str) -> str:
+    """JSON's \\ud800-style escapes can carry a lone surrogate, which no UTF-8 text (or answer) can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode text: a lone surrogate at character {exc.start}") from None
+    return text
+
+
+def null_is_default(default: Any) -> BeforeValidator:
+    """OpenAI's API takes null for 'the default' on optional fields; clients that send every field rely on it."""
+    return BeforeValidator(lambda value: default if value is None else value)
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_encodable)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
 
 
@@ -45,7 +61,7 @@ class SamplingFields(BaseModel):
 class GenerateRequest(SamplingFields):
     """The seed contract: `{"prompt": "..."}` plus optional sampling fields and `stream`."""
 
-    prompt: str = Field(..., description="text to continue (an empty prompt starts from <|endoftext|>)")
+    prompt: Text = Field(..., description="text to continue (an empty prompt starts from <|endoftext|>)")
     stream: bool = Field(False, description="answer with server-sent events of text deltas")
 
     model_config = ConfigDict(
@@ -64,12 +80,17 @@ class GenerateResponse(BaseModel):
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(..., description="text to split into GPT-2 tokens")
+    text: Text = Field(..., description="text to split into tokens")
+    model: Text | None = Field(
+        None, description='whose tokenizer: "custom" or "gpt2" (default: your model\'s when loaded, else GPT-2\'s)'
+    )
 
 
 class TokenizeResponse(BaseModel):
     ids: list[int]
     tokens: list[str] = Field(..., description="each token's own text (part of a character shows as U+FFFD)")
+    model: str | None = Field(..., description="the model whose tokenizer split the text (null: GPT-2's BPE)")
+    tokenizer: str = Field(..., description="the tokenizer's name: \"gpt2\", or a trained BPE's")
 
 
 class HealthResponse(BaseModel):

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tinyllm.sampling import MAX_TOP_LOGPROBS
-from tinyllm.server.schemas import MAX_NEW_TOKENS_BOUND, MAX_SEED, Stop
+from tinyllm.server.schemas import MAX_NEW_TOKENS_BOUND, MAX_SEED, Stop, Text, null_is_default
 
 MAX_N = 8
 MAX_PROMPTS = 16
@@ -65,28 +65,30 @@ class StreamOptions(BaseModel):
 class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str = Field("custom", description='"custom" (your checkpoint) or "gpt2"')
+    model: Annotated[Text, null_is_default("custom")] = Field("custom", description='"custom" or "gpt2"')
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt")
+    n: Annotated[int, null_is_default(1)] = Field(1, ge=1, le=MAX_N, description="choices per prompt")
     stop: Stop = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stream: bool = False
+    stream: Annotated[bool, null_is_default(False)] = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    user: str | None = None
+    user: Text | None = None
     # extensions (vLLM's names)
     top_k: int | None = Field(None, ge=0, le=100_000, description="extension: keep the k likeliest tokens")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="extension: min-p filter")
     repetition_penalty: float | None = Field(None, ge=0.1, le=10.0, description="extension: CTRL-style penalty")
-    truncate_prompt: bool = Field(False, description="extension: left-truncate a prompt that does not fit")
+    truncate_prompt: Annotated[bool, null_is_default(False)] = Field(
+        False, description="extension: left-truncate a prompt that does not fit"
+    )
 
 
 # --- completions -------------------------------------------------------------------------------------------------
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-Prompt = str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
+Prompt = Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
 PromptOrBatch = Prompt | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
 
 
@@ -94,7 +96,7 @@ class CompletionRequest(_OpenAIRequest):
     prompt: PromptOrBatch = Field(..., description="a string, a list of strings, token ids, or lists of token ids")
     max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS_BOUND)
     logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of each token and the top N")
-    echo: bool = Field(False, description="prepend the prompt to the text")
+    echo: Annotated[bool, null_is_default(False)] = Field(False, description="prepend the prompt to the text")
 
 
 class CompletionLogprobs(BaseModel):
@@ -134,15 +136,15 @@ class CompletionResponse(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"] = "text"
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -156,7 +158,7 @@ class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_BOUND, description="default: the server's 64")
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_BOUND, description="alias of max_tokens")
-    logprobs: bool = False
+    logprobs: Annotated[bool, null_is_default(False)] = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 

@@ -44,22 +44,27 @@ def worker_for(request: Request, model: str) -> ModelWorker:
     return workers[model]
 
 
-async def tokenizer_of(request: Request) -> Tokenizer:
-    """The GPT-2 tokenizer: a loaded model's, else loaded now (503 when its files are missing)."""
+async def tokenizer_of(request: Request, model: str | None = None) -> tuple[str | None, Tokenizer]:
+    """The tokenizer /tokenize uses and the model it belongs to. With `model`: that model's (404 when the
+    server has no such model, 503 while it is not loaded). Without: the first loaded of "custom" then "gpt2",
+    else the app's fallback (`create_app(tokenizer=...)`, else GPT-2's BPE; 503 when its files are missing)."""
+    workers: dict[str, ModelWorker] = request.app.state.workers
+    if model is not None:
+        _, loaded = worker_for(request, model).require()
+        return model, loaded.tokenizer
+    for name in ("custom", "gpt2", *sorted(workers)):
+        worker = workers.get(name)
+        if worker is not None and worker.loaded is not None:
+            return name, worker.loaded.tokenizer
     state = request.app.state
     if state.tokenizer is None:
-        for worker in state.workers.values():
-            if worker.loaded is not None:
-                state.tokenizer = worker.loaded.tokenizer
-                break
-        else:
-            from tinyllm.tokenizer import get_tokenizer
+        from tinyllm.tokenizer import get_tokenizer
 
-            try:
-                state.tokenizer = await asyncio.to_thread(get_tokenizer)
-            except TinyLLMError as exc:
-                raise UnavailableError(str(exc), code="tokenizer_unavailable") from exc
-    return state.tokenizer
+        try:
+            state.tokenizer = await asyncio.to_thread(get_tokenizer)
+        except TinyLLMError as exc:
+            raise UnavailableError(str(exc), code="tokenizer_unavailable") from exc
+    return None, state.tokenizer
 
 
 async def encode(tokenizer: Tokenizer, text: str) -> list[int]:

@@ -90,6 +90,7 @@ class ModelWorker:
         self._engine_factory = engine_factory
         self.state: WorkerState = "loading"
         self.error: str | None = None
+        self._error_code = "model_unavailable"  # the code a 503 for this model carries
         self.loaded: LoadedModel | None = None
         self.engine: Engine | None = None
         self._loaded_event = threading.Event()
@@ -125,6 +126,7 @@ class ModelWorker:
             engine = self._engine_factory(loaded, self._settings)
         except TinyLLMError as exc:
             self.error = str(exc)
+            self._error_code = getattr(exc, "code", None) or "model_unavailable"  # e.g. model_disabled
             self.state = "unavailable"
             logger.warning("model %r is unavailable: %s", self.name, exc)
         except Exception as exc:  # a bug or an unexpected library error: keep the server up, say what broke
@@ -165,7 +167,7 @@ class ModelWorker:
         message = (
             reason if reason.startswith(f"model {self.name!r}") else f"model {self.name!r} is not available: {reason}"
         )
-        raise UnavailableError(message, code="model_unavailable")
+        raise UnavailableError(message, code=self._error_code)
 
     def submit(
         self, request: Request, *, queue: asyncio.Queue[TaggedEvent], index: int, loop: asyncio.AbstractEventLoop
@@ -284,11 +286,14 @@ def gpt2_loader(source: str, *, device: str = "cpu") -> Loader:
     """Loads pretrained GPT-2 from a hub id or a local Hugging Face directory."""
 
     def load() -> LoadedModel:
+        from tinyllm.checkpoint import check_tokenizer_fits
         from tinyllm.gpt2 import load_gpt2
         from tinyllm.tokenizer import gpt2_source_tokenizer
 
         model = load_gpt2(source, device=device)
-        return LoadedModel(_prepare(model), gpt2_source_tokenizer(source), {"source": source, "kind": "gpt2"})
+        tokenizer = gpt2_source_tokenizer(source)
+        check_tokenizer_fits(model, tokenizer, source)
+        return LoadedModel(_prepare(model), tokenizer, {"source": source, "kind": "gpt2"})
 
     return load
 

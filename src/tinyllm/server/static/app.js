@@ -19,6 +19,7 @@ const els = {
   formStatus: $("#form-status"),
   chips: $("#token-chips"),
   tokenCount: $("#token-count"),
+  tokenizerName: $("#tokenizer-name"),
   apiKey: $("#api-key"),
   rememberKey: $("#remember-key"),
   apiKeyBox: $("#api-key-box"),
@@ -230,6 +231,8 @@ async function tokenize() {
   }
   const ids = body.ids || [];
   const tokens = body.tokens || ids.map(String);
+  els.tokenizerName.textContent =
+    body.tokenizer === "gpt2" ? "GPT-2 BPE" : `${body.model ?? "model"}'s BPE (${body.tokenizer})`;
   const chips = ids.map((id, i) => {
     const li = document.createElement("li");
     li.className = "chip";
