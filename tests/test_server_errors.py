@@ -177,6 +177,12 @@ def test_validation_errors_name_the_field(gpt2_tokenizer: Tokenizer) -> None:
         _openai_error(
             client.post("/v1/completions", content=b"{nope", headers={"Content-Type": "application/json"}), 400
         )
+        # valid JSON sent without saying so (curl -d's form type, text/plain, none): 415 saying what to send
+        for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"}, {}):
+            body = _flat_error(client.post("/generate/custom", content=b'{"prompt": "x"}', headers=headers), 415)
+            assert "Content-Type: application/json" in body["detail"] and body["code"] == "unsupported_media_type"
+        chat = client.post("/v1/chat/completions", content=b"{}", headers={"Content-Type": "text/plain"})
+        assert "application/json" in _openai_error(chat, 415)["message"]
 
 
 def test_prompt_too_long_is_400_unless_truncation_is_asked(gpt2_tokenizer: Tokenizer) -> None:

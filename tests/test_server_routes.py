@@ -246,6 +246,27 @@ def test_chat_completion_and_template(client: TestClient, tok: Tokenizer) -> Non
     assert out["usage"]["prompt_tokens"] == len(tok.encode("Be brief.\n\nUser: Hi\nAssistant:"))
 
 
+def test_chat_template_takes_tool_results_and_rejects_what_openai_rejects(client: TestClient, tok: Tokenizer) -> None:
+    from tinyllm.server.chat import render_chat
+    from tinyllm.server.schemas_openai import ChatMessage
+
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18C, sunny"},
+    ]
+    rendered = render_chat([ChatMessage(**m) for m in messages])
+    assert rendered == "User: Weather in Paris?\nAssistant: \nTool: 18C, sunny\nAssistant:"
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(tok.encode(rendered))
+    hi = [{"role": "user", "content": "Hi"}]
+    orphan = client.post("/v1/chat/completions", json={"messages": hi, "top_logprobs": 2})
+    assert orphan.status_code == 400 and orphan.json()["error"]["param"] == "top_logprobs"
+    for path, body in (("/v1/chat/completions", {"messages": hi}), ("/v1/completions", {"prompt": "Hi"})):
+        r = client.post(path, json={**body, "stream_options": {"include_usage": True}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+
+
 def test_chat_stream_starts_with_role_and_ends_with_finish(client: TestClient) -> None:
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True}
     chunks = sse_json(client.post("/v1/chat/completions", json=body).text)

@@ -109,3 +109,5 @@ def test_cli_serve_builds_settings_from_flags_and_env(monkeypatch: pytest.Monkey
         "from-env",
     )
     assert (second.host, second.port, second.gpt2, second.api_key) == ("127.0.0.1", 7000, "/models/gpt2", "flag")
+    assert cli.main(["serve", "--checkpoint", "none", "--gpt2", "off"]) == 0  # as the environment variables take it
+    assert (seen[2].checkpoint, seen[2].gpt2) == (None, None)

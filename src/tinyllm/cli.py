@@ -493,9 +493,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tinyllm.server import ServerSettings, serve
 
     overrides: dict = {"host": args.host, "port": args.port}  # None: from $TINYLLM_* or the default
+    off = {"none", "off"}  # as TINYLLM_CHECKPOINT / TINYLLM_GPT2 take them: serve without that model
     if args.checkpoint is not None:
-        overrides["checkpoint"] = args.checkpoint
-    if args.no_gpt2:
+        overrides["checkpoint"] = None if args.checkpoint.lower() in off else args.checkpoint
+    if args.no_gpt2 or (args.gpt2 or "").lower() in off:
         overrides["gpt2"] = None
     elif args.gpt2 is not None:
         overrides["gpt2"] = args.gpt2
@@ -512,7 +513,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, or $TINYLLM_HOST)")
     p.add_argument("--port", type=int, default=None, help="port (default 5000, or $TINYLLM_PORT)")
     p.add_argument(
-        "--checkpoint", default=None, metavar="DIR", help="checkpoint or run directory (default runs/default)"
+        "--checkpoint",
+        default=None,
+        metavar="DIR",
+        help="checkpoint or run directory (default runs/default); none: serve GPT-2 only",
     )
     gpt2 = p.add_mutually_exclusive_group()
     gpt2.add_argument("--gpt2", default=None, metavar="SOURCE", help="GPT-2 hub id or local directory")

@@ -10,6 +10,8 @@ user's next turn:
     User: <last message>\\n
     Assistant:
 
+A tool's result (role "tool", e.g. an agent loop's) is a turn of its own: "Tool: <content>".
+
 Stop strings: "\\nUser:" (plus the request's own). The reply's leading whitespace is dropped.
 """
 
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 from tinyllm.server.schemas_openai import ChatMessage
 
 CHAT_STOP = ("\nUser:",)
-_SPEAKERS = {"user": "User", "assistant": "Assistant"}
+_SPEAKERS = {"user": "User", "assistant": "Assistant", "tool": "Tool"}
 
 
 def render_chat(messages: Sequence[ChatMessage]) -> str:

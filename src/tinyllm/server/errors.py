@@ -7,7 +7,8 @@ exceptions; every other route answers in a flat shape with the same fields:
     others:  {"detail": "...", "type": "...", "param": "...", "code": "..."}
 
 Statuses: 400 bad input (invalid JSON, prompt longer than the context, inconsistent sampling), 401 missing
-or wrong API key, 404 unknown route or model, 413 body too large, 422 a field fails validation (`param`
+or wrong API key, 404 unknown route or model, 413 body too large, 415 a body not sent as JSON (no or
+another Content-Type), 422 a field fails validation (`param`
 names it), 429 queue full (with Retry-After), 503 model not loaded / still loading / no slot before the
 deadline (with Retry-After where waiting helps), 500 only for bugs: a generic message, the traceback goes
 to the log and never to the client.
@@ -186,7 +187,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(request.url.path, validation_error(exc.errors()))
+        errors = exc.errors()
+        content_type = request.headers.get("content-type", "")
+        if errors and tuple(errors[0].get("loc", ())) == ("body",) and "json" not in content_type.lower():
+            # the body was not read as JSON (no Content-Type is not JSON either: a cross-site form cannot post it)
+            sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+            message = f"send the body as JSON with Content-Type: application/json (got {sent})"
+            return error_response(request.url.path, APIError(message, status=415, code="unsupported_media_type"))
+        return error_response(request.url.path, validation_error(errors))
 
     async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

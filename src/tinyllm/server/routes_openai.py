@@ -46,7 +46,7 @@ from tinyllm.tokenizer import Tokenizer
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-_ERRORS = openai_error_responses(400, 401, 404, 413, 422, 429, 503)
+_ERRORS = openai_error_responses(400, 401, 404, 413, 415, 422, 429, 503)
 _STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when `stream` is true"}}
 
 
@@ -100,6 +100,11 @@ def _usage(group: GenerationGroup, n: int) -> dict[str, int]:
     prompt = sum(c.prompt_tokens for c in group.choices if c.index % n == 0)  # each prompt counted once
     completion = group.completion_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _check_stream_options(body: Any) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise APIError("stream_options is only allowed when stream is true", param="stream_options")
 
 
 def _check_batch(prompts: int, n: int) -> None:
@@ -188,6 +193,7 @@ def _completion_logprobs(
 )
 async def completions(body: CompletionRequest, request: Request) -> Any:
     worker = worker_for(request, body.model)
+    _check_stream_options(body)
     _, loaded = worker.require()
     tokenizer = loaded.tokenizer
     prompts = await _prompt_ids(body, tokenizer)
@@ -281,6 +287,9 @@ def _chat_logprobs(tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob]) -> di
 
 def _chat_setup(body: ChatCompletionRequest, request: Request) -> tuple[ModelWorker, SamplingParams, str]:
     worker = worker_for(request, body.model)
+    _check_stream_options(body)
+    if body.top_logprobs and not body.logprobs:
+        raise APIError("top_logprobs needs logprobs set to true", param="top_logprobs")
     settings = settings_of(request)
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.sampling.max_new_tokens
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"

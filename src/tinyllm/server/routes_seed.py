@@ -49,7 +49,7 @@ _GENERATE_DOC = {
     "response_model": GenerateResponse,
     "responses": {
         200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when `stream` is true"},
-        **error_responses(400, 401, 404, 413, 422, 429, 503),
+        **error_responses(400, 401, 404, 413, 415, 422, 429, 503),
     },
 }
 
@@ -127,7 +127,7 @@ async def _stream(group: GenerationGroup, prompt: str, path: str) -> AsyncIterat
     "/tokenize",
     response_model=TokenizeResponse,
     summary="Split text into a model's tokens",
-    responses=error_responses(400, 401, 404, 413, 422, 503),
+    responses=error_responses(400, 401, 404, 413, 415, 422, 503),
 )
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     model, tokenizer = await tokenizer_of(request, body.model)
