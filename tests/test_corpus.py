@@ -57,6 +57,39 @@ def test_bad_files_name_the_file_and_the_fix(tmp_path, name, content, message):
     assert str(path) in str(info.value)
 
 
+def test_jsonl_with_a_byte_order_mark_and_a_lone_surrogate(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')  # as Windows tools write it
+    assert [d.text for f in resolve_sources([bom]) for d in iter_documents(f)] == ["first", "second"]
+    bad = tmp_path / "surrogate.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "\\ud800 alone"}\n')
+    with pytest.raises(CorpusError, match="surrogate.jsonl:2: the text holds a lone surrogate"):
+        [d for f in resolve_sources([bad]) for d in iter_documents(f)]
+
+
+def test_folders_skip_hidden_files_and_folders(tmp_path):
+    _write(tmp_path / "notes" / "a.txt", "alpha")
+    _write(tmp_path / "notes" / ".hidden.txt", "a copy")
+    _write(tmp_path / "notes" / ".ipynb_checkpoints" / "a-checkpoint.txt", "alpha again")
+    _write(tmp_path / "notes" / "sub" / "b.md", "beta")
+    assert [f.doc_id for f in resolve_sources([tmp_path / "notes"])] == ["notes/a.txt", "notes/sub/b.md"]
+
+
+def test_file_names_that_are_not_utf8(tmp_path):
+    import os
+
+    folder = tmp_path / "nf"
+    folder.mkdir()
+    try:
+        with open(os.path.join(os.fsencode(folder), b"caf\xe9.txt"), "wb") as f:
+            f.write(b"hello there\n" * 20)
+    except OSError:
+        pytest.skip("this file system wants UTF-8 names")
+    (f_,) = resolve_sources([folder])
+    assert [d.text for d in iter_documents(f_)] == ["hello there\n" * 20]
+    assert make_split([f_.doc_id, "other"], val_fraction=0.5, seed=1).num_val == 1  # hashes the id
+
+
 def test_missing_paths_and_empty_globs(tmp_path):
     with pytest.raises(CorpusError, match="no such file or folder"):
         resolve_sources([tmp_path / "nope.txt"])

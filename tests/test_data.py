@@ -68,12 +68,37 @@ def test_failed_prepare_leaves_no_cache(tinyllm_home, gpt2_tokenizer, corpus):
     assert not cache.exists() or list(cache.iterdir()) == []
 
 
-def test_chunked_tokenization_equals_whole_text(gpt2_tokenizer, monkeypatch):
-    text = "".join(f"Line {i}: some words, and\n\n  indented {i}\n" for i in range(400))
+@pytest.mark.parametrize(
+    "paragraph",
+    [
+        "Line {i}: some words, and\n\n  indented {i}\n",
+        "{i} words in a paragraph\n\nNext paragraph.\n",  # cut after "\n\n": one "\n\n" token, not two "\n"s
+        "tabs\t\nand {i}\r\nCRLF\n \nNext\n",
+    ],
+)
+def test_chunked_tokenization_equals_whole_text(gpt2_tokenizer, monkeypatch, paragraph):
+    text = "".join(paragraph.format(i=i) for i in range(400))
     monkeypatch.setattr(data_mod, "CHUNK_CHARS", 100)
     pieces = list(data_mod._pieces(text))
     assert len(pieces) > 10 and "".join(pieces) == text
     assert [t for p in pieces for t in gpt2_tokenizer.encode(p)] == gpt2_tokenizer.encode(text)
+
+
+def test_files_of_one_name_from_different_folders_are_different_documents(tinyllm_home, gpt2_tokenizer, tmp_path):
+    """They shared an id ("notes.txt"), so the split sent all of them to the same side: here, both to val."""
+    for name in ("a", "b", "c", "d"):
+        (tmp_path / "s" / name).mkdir(parents=True)
+        (tmp_path / "s" / name / "notes.txt").write_text(f"notes of {name} " * 300 + "\n")
+    files = [str(tmp_path / "s" / name / "notes.txt") for name in "abcd"]
+    assert [f.doc_id for f in data_mod.resolve_sources(files)] == [f"{n}/notes.txt" for n in "abcd"]
+    data = prepare(files, val_fraction=0.25, progress=False)
+    assert (data.meta["splits"]["train"]["documents"], data.meta["splits"]["val"]["documents"]) == (3, 1)
+    # two folders of one name, given side by side, keep their files apart too
+    for version in ("v1", "v2"):
+        (tmp_path / version / "data").mkdir(parents=True)
+        (tmp_path / version / "data" / "x.txt").write_text(f"{version} " * 50)
+    ids = [f.doc_id for f in data_mod.resolve_sources([tmp_path / "v1" / "data", tmp_path / "v2" / "data"])]
+    assert ids == ["v1/data/x.txt", "v2/data/x.txt"]
 
 
 def test_the_pipeline_writes_every_piece_in_order(tinyllm_home, gpt2_tokenizer, corpus, monkeypatch):

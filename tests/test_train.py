@@ -372,6 +372,8 @@ def test_finetune_from_a_local_gpt2_directory(tmp_path, corpus):
         (dict(muon_lr=0), "muon_lr must be positive"),
         (dict(processes=0), "processes must be a positive integer or 'auto'"),
         (dict(processes="all"), "processes must be a positive integer or 'auto'"),
+        (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*63\)"),
+        (dict(seed=10**20), r"seed must be an integer in \[0, 2\*\*63\)"),
     ],
 )
 def test_bad_options_raise_one_clear_train_error(fields, message):
@@ -386,6 +388,27 @@ def test_missing_data_and_too_small_budgets_fail_clearly(tmp_path, corpus):
         train(tiny(tmp_path, corpus, max_steps=None, max_tokens=100), progress=False)
     with pytest.raises(TrainError, match="fine-tuning needs data"):
         finetune(init_from="gpt2", data=[])
+
+
+def test_a_run_of_another_recipe_is_not_replaced_without_overwrite(tmp_path, corpus, monkeypatch):
+    """`tinyllm train --data notes/` (the README's example) replaced the default model in runs/default."""
+    first = train(tiny(tmp_path, corpus, max_steps=1), progress=False)
+    trained = weights(first.last_checkpoint)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("Some other words for the model to learn. " * 200)
+    monkeypatch.chdir(tmp_path)  # a relative path, recorded as an absolute one
+    with pytest.raises(TrainError, match=r"holds a run of another recipe \(data .*; pass --run-dir DIR .*--overwrite"):
+        train(tiny(tmp_path, corpus, data=("other",), max_steps=1), progress=False)
+    wider = ModelConfig(block_size=32, n_layer=1, n_head=2, n_embd=64)
+    with pytest.raises(TrainError, match="another recipe \\(a 1-layer, 32-wide model\\)"):
+        train(tiny(tmp_path, corpus, model=wider, max_steps=1), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(trained.values(), weights(first.last_checkpoint).values()))
+    again = train(tiny(tmp_path, corpus, max_steps=2), progress=False)  # the same recipe again: replaced
+    assert again.steps == 2
+    replaced = train(tiny(tmp_path, corpus, data=("other",), max_steps=1, overwrite=True), progress=False)
+    meta = json.loads((replaced.last_checkpoint / "meta.json").read_text())
+    assert meta["train_config"]["data"] == [str(other)]  # evaluating it from elsewhere finds the same data
 
 
 def test_resume_needs_a_matching_checkpoint(tmp_path, corpus):

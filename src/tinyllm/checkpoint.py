@@ -449,6 +449,11 @@ def load_checkpoint(
     return Checkpoint(model=model, config=config, meta=meta, path=path)
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's meta.json (what run wrote it, on which data), without loading its weights."""
+    return _read_json(Path(path) / META_FILE)
+
+
 def load_train_state(path: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The optimizer state dict (for `optimizer.load_state_dict`) and the train state, each None if absent."""
     path = Path(path)

@@ -134,7 +134,7 @@ _TRAIN_OPTIONS = [
     "weight_decay",
 ]
 _TRAIN_OPTIONS += ["eval_interval", "eval_minutes", "eval_iters", "device", "dtype", "compile", "run_dir", "resume"]
-_TRAIN_OPTIONS += ["seed", "processes"]
+_TRAIN_OPTIONS += ["seed", "processes", "overwrite"]
 _BUDGETS = ("max_steps", "max_tokens", "max_minutes")
 
 
@@ -185,6 +185,12 @@ def _add_training_options(p: argparse.ArgumentParser, *, defaults: dict) -> None
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--run-dir", help=f"checkpoints, metrics.jsonl, loss.png ({defaults['run_dir']})")
     p.add_argument("--resume", action="store_true", default=None, help="continue run-dir/last exactly")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace a run of another recipe (data, model, starting point) in run-dir",
+    )
     p.add_argument("--seed", type=int, help=f"seed of init, data order and samples ({defaults['seed']})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

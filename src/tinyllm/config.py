@@ -152,6 +152,8 @@ class TrainConfig:
         compile: wrap the model in `torch.compile`.
         run_dir: where checkpoints (`last/`, `best/`), metrics.jsonl and loss.png go.
         resume: continue the run in `run_dir/last` exactly where it stopped.
+        overwrite: start afresh in a `run_dir` that holds a run of another recipe (other data, model or
+            starting point), replacing it; without it that is an error (a run of the same recipe is replaced).
         sample_prompt, sample_tokens: the short sample shown at each evaluation.
     """
 
@@ -188,6 +190,7 @@ class TrainConfig:
     compile: bool = False
     run_dir: str = "runs/default"
     resume: bool = False
+    overwrite: bool = False
     sample_prompt: str = "\n"
     sample_tokens: int = 32
 
@@ -229,6 +232,8 @@ class TrainConfig:
             and (not isinstance(self.processes, int) or isinstance(self.processes, bool) or self.processes < 1)
         ):
             raise ValueError(f"processes must be a positive integer or 'auto', got {self.processes!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
 

@@ -4,7 +4,9 @@ A corpus is a list of sources resolved to files; each file yields documents lazi
 one document, each line of a `.jsonl` file with a `text` field is one), so memory does not grow with
 corpus size. The train/validation split is by whole document, seeded and deterministic: a document's
 side depends only on the seed and its stable id (its path relative to the source it came from, plus the
-line for JSONL), never on the machine or the order of discovery.
+line for JSONL; files that would share an id, such as two `notes.txt` from different folders, are told
+apart by their paths below their common folder), never on the machine or the order of discovery.
+Folders are searched recursively, skipping hidden files and folders (`.git`, `.ipynb_checkpoints`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import glob
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,12 @@ class Document:
     text: str
 
 
+def absolute_sources(sources: Sequence[str | Path]) -> tuple[str, ...]:
+    """Sources as they mean the same from any directory (a run records them): paths and globs made absolute,
+    the built-in corpus kept by name."""
+    return tuple(str(s) if str(s) == BUILTIN else os.path.abspath(os.path.expanduser(str(s))) for s in sources)
+
+
 def resolve_sources(sources: Sequence[str | Path] | None) -> list[SourceFile]:
     """Expand paths, folders and globs into a sorted list of files; None or "shakespeare" is the built-in corpus."""
     if not sources:
@@ -66,7 +75,11 @@ def resolve_sources(sources: Sequence[str | Path] | None) -> list[SourceFile]:
         path = Path(text).expanduser()
         if path.is_dir():
             found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not found:
                 raise CorpusError(f"{path}: folder has no .txt, .md or .jsonl files; add some or pass files directly")
@@ -86,7 +99,24 @@ def resolve_sources(sources: Sequence[str | Path] | None) -> list[SourceFile]:
         if f.path.resolve() not in seen:
             seen.add(f.path.resolve())
             unique.append(f)
-    return unique
+    return _distinct_ids(unique)
+
+
+def _distinct_ids(files: list[SourceFile]) -> list[SourceFile]:
+    """Files whose ids coincide (same name from different folders) get their paths below their common folder:
+    one id for two files would put both on the same side of the split."""
+    groups: dict[str, list[int]] = {}
+    for i, f in enumerate(files):
+        groups.setdefault(f.doc_id, []).append(i)
+    out = list(files)
+    for same in groups.values():
+        if len(same) < 2:
+            continue
+        paths = [files[i].path.resolve() for i in same]
+        common = Path(os.path.commonpath(paths))
+        for i, path in zip(same, paths, strict=True):
+            out[i] = SourceFile(files[i].path, path.relative_to(common).as_posix())
+    return out
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -114,14 +144,21 @@ def iter_documents(source: SourceFile) -> Iterator[Document]:
             for lineno, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
-                try:
-                    record = json.loads(raw.decode("utf-8"))
+                try:  # a byte-order mark (Windows tools write one) may open the file
+                    record = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                     raise CorpusError(
                         f"{path}:{lineno}: not valid JSON ({exc}); each line must be a JSON object"
                     ) from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise CorpusError(f'{path}:{lineno}: line has no "text" string field; write {{"text": "..."}}')
+                try:
+                    record["text"].encode("utf-8")
+                except UnicodeEncodeError as exc:  # a \ud800-style escape: valid JSON, not Unicode text
+                    raise CorpusError(
+                        f"{path}:{lineno}: the text holds a lone surrogate escape at character {exc.start}, "
+                        "which is not valid Unicode; fix or remove the line"
+                    ) from None
                 if record["text"].strip():
                     any_doc = True
                     yield Document(f"{source.doc_id}:{lineno}", record["text"])
@@ -145,7 +182,8 @@ def iter_document_ids(source: SourceFile) -> Iterator[str]:
 
 def doc_hash(doc_id: str, seed: int) -> int:
     """A uniform 64-bit hash of a document id under a seed: the split's only source of randomness."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "little")
+    key = f"{seed}:{doc_id}".encode("utf-8", "surrogateescape")  # a file name need not be UTF-8
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True)

@@ -58,9 +58,10 @@ IN_FLIGHT = 24  # pieces queued or being encoded at once (~6M characters)
 # instead of 4.5 s in a fresh process; BENCHMARKS.md, "Data preparation").
 WARM_UP_CHARS = 1 << 21
 WRITE_TOKENS = 1 << 22  # tokens buffered per split before a write
-# A newline followed by a non-space character is always a pre-token boundary of the GPT-2 pattern, so
-# splitting there tokenizes exactly as the whole text would.
-_SAFE_BREAK = re.compile(r"\n(?=\S)")
+# A newline between two non-space characters is a pre-token of its own in the GPT-2 pattern (whitespace
+# runs are the only pre-tokens that hold a newline), so splitting after it tokenizes exactly as the whole text
+# would. (After "\n\n" it would not: a piece ending in "\n\n" makes one pre-token of both.)
+_SAFE_BREAK = re.compile(r"(?<=\S)\n(?=\S)")
 _WORD_BREAK = re.compile(r"\s(?=\S)")
 
 
@@ -104,7 +105,7 @@ def _content_key(files: Sequence[SourceFile], *, tokenizer: str, val_fraction: f
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps([FORMAT_VERSION, tokenizer, val_fraction, seed]).encode())
     for f in files:
-        digest.update(f.doc_id.encode() + b"\0")
+        digest.update(f.doc_id.encode("utf-8", "surrogateescape") + b"\0")
         try:
             with open(f.path, "rb") as fh:
                 for block in iter(lambda fh=fh: fh.read(1 << 20), b""):

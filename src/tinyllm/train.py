@@ -42,11 +42,14 @@ from tinyllm.checkpoint import (
     load_checkpoint,
     load_train_state,
     model_tokenizer,
+    read_config,
+    read_meta,
     resolve_model,
     restore_rng_state,
     save_checkpoint,
 )
 from tinyllm.config import FINETUNE_DEFAULTS, MAX_AUTO_PROCESSES, ModelConfig, TrainConfig
+from tinyllm.corpus import absolute_sources
 from tinyllm.data import BatchSampler, prepare, tokenizer_for
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
@@ -331,6 +334,7 @@ class _Run:
         if self.dist.is_main:
             self.dist.barrier()
         self._build_model(resume_from)
+        self._check_replaces_the_same_recipe(resume_from)
         self.tokens_per_step = cfg.batch_size * self.block_size * cfg.grad_accum * self.dist.world
         self.sampler = BatchSampler(
             self.data.tokens("train"),
@@ -411,6 +415,31 @@ class _Run:
         self.block_size = min(cfg.block_size or model_block, model_block)
         if cfg.block_size and cfg.block_size > model_block and self.dist.is_main:
             logger.warning("block_size %d capped at the model's %d", cfg.block_size, model_block)
+
+    def _check_replaces_the_same_recipe(self, resume_from: Path | None) -> None:
+        """A fresh run where a run of another recipe (other data, model or starting point) left its checkpoints
+        would replace a trained model (e.g. `tinyllm train --data notes/` over `make run`'s runs/default): an
+        error unless `overwrite`. The same recipe again (`python train.py` twice) replaces it, with a warning."""
+        last = self.run_dir / "last"
+        if resume_from is not None or self.cfg.overwrite or not is_checkpoint(last):
+            return
+        try:
+            config, meta = read_config(last), read_meta(last)
+        except TinyLLMError:
+            return  # unreadable: replacing it loses nothing usable
+        saved = meta.get("train_config") or {}
+        differs = []
+        if meta.get("data_hash") != self.data_hash():
+            differs.append(f"data {', '.join(saved.get('data') or ['shakespeare'])}")
+        if saved.get("init_from") != self.cfg.init_from:
+            differs.append(f"started from {saved.get('init_from') or 'scratch'}")
+        if self.cfg.init_from is None and config != self._model_config():
+            differs.append(f"a {config.n_layer}-layer, {config.n_embd}-wide model")
+        if differs:
+            raise TrainError(
+                f"{self.run_dir} holds a run of another recipe ({'; '.join(differs)}); pass --run-dir DIR for "
+                "this one, --resume to continue that one, or --overwrite to replace it"
+            )
 
     def _check_resumable(self, config: Any, meta: dict[str, Any]) -> None:
         saved = meta.get("train_config") or {}
@@ -892,6 +921,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         TrainError: unusable options or run directory (e.g. resume without a checkpoint, or a mismatched one).
         TinyLLMError: unreadable data (`CorpusError`) or weights (`CheckpointError`, `GPT2UnavailableError`).
     """
+    config = dataclasses.replace(config, data=absolute_sources(config.data))  # the run records them
     world = resolve_processes(config)
     if world > 1:
         return _spawn(config, world, progress=progress)
