@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from tinyllm.cli import main
 
@@ -71,6 +72,42 @@ def test_user_errors_exit_2_with_one_line(tinyllm_home, argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_generate_and_evaluate_reject_bad_values_before_loading(tinyllm_home, tmp_path, capsys):
+    """Each used to end in a traceback (some after the whole evaluation had run)."""
+    from tinyllm.checkpoint import save_checkpoint
+    from tinyllm.config import ModelConfig
+    from tinyllm.model import GPT
+
+    save_checkpoint(tmp_path / "ckpt", model=GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)))
+    generate = ["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "x", "--max-new-tokens", "2"]
+    if not torch.cuda.is_available():
+        assert main([*generate, "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert main([*generate, "--device", "bogus"]) == 2
+    assert "unknown device 'bogus'" in capsys.readouterr().err
+    for argv in ([*generate, "--seed", str(10**20)], [*generate, "--seed", "-1"], ["evaluate", "--context", "0"]):
+        with pytest.raises(SystemExit) as info:  # argparse's own usage error
+            main(argv)
+        assert info.value.code == 2
+        assert "expected" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("a file, not a folder")
+    report = ["evaluate", "--model", str(tmp_path / "ckpt"), "--report", str(tmp_path / "taken" / "r")]
+    assert main(report) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--report" in err and "cannot create that directory" in err and len(err.splitlines()) == 1
+
+
+def test_tokenize_takes_text_that_is_not_utf8_and_pipes_close_quietly(gpt2_tokenizer, capsys, monkeypatch):
+    assert main(["tokenize", "caf\udce9"]) == 0  # how Python hands over argv bytes that are not UTF-8
+    assert "\ufffd" in capsys.readouterr().out
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("builtins.print", closed)  # `tinyllm tokenize ... | head -0`
+    assert main(["tokenize", "hello"]) == 141
 
 
 def test_unknown_command_exits_2(capsys):

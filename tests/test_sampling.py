@@ -54,7 +54,9 @@ def draws(logits: torch.Tensor, params: SamplingParams, n: int = 300) -> list[in
         ("presence_penalty", 2.5, "presence_penalty must be in [-2, 2]"),
         ("frequency_penalty", -3.0, "frequency_penalty must be in [-2, 2]"),
         ("max_new_tokens", 0, "max_new_tokens must be >= 1"),
-        ("seed", "abc", "seed must be an integer or None"),
+        ("seed", "abc", "seed must be in [0, 2**63)"),
+        ("seed", -1, "seed must be in [0, 2**63)"),
+        ("seed", 10**20, "seed must be in [0, 2**63)"),  # torch's generator overflowed with a traceback
         ("stop", ("",), "stop must be non-empty strings"),
         ("stop_token_ids", (-1,), "stop_token_ids"),
         ("top_logprobs", 21, "top_logprobs must be an integer in [0, 20]"),

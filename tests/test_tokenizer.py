@@ -71,12 +71,13 @@ TEXTS = [
 ]
 
 
-def test_train_bpe_round_trips_and_compresses():
+def test_train_bpe_round_trips_and_compresses(caplog):
     tok = train_bpe(TEXTS, vocab_size=300)
     assert tok.vocab_size == 300 and tok.eot_token == 299
     assert tok.name.startswith("bpe300-")
     small_corpus = train_bpe(TEXTS, vocab_size=5000)  # fewer merges exist than asked for: the vocab says so
     assert small_corpus.vocab_size < 5000 and small_corpus.eot_token == small_corpus.vocab_size - 1
+    assert f"{small_corpus.vocab_size} tokens instead of the 5000 asked" in caplog.text  # said, not silent
     for text in [*TEXTS, "unseen wörds 日本 and bytes \x00\x7f"]:
         assert tok.decode(tok.encode(text)) == text
     ids = tok.encode(TEXTS[0])

@@ -403,7 +403,9 @@ def test_a_run_of_another_recipe_is_not_replaced_without_overwrite(tmp_path, cor
     wider = ModelConfig(block_size=32, n_layer=1, n_head=2, n_embd=64)
     with pytest.raises(TrainError, match="another recipe \\(a 1-layer, 32-wide model\\)"):
         train(tiny(tmp_path, corpus, model=wider, max_steps=1), progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(trained.values(), weights(first.last_checkpoint).values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(trained.values(), weights(first.last_checkpoint).values(), strict=True)
+    )
     again = train(tiny(tmp_path, corpus, max_steps=2), progress=False)  # the same recipe again: replaced
     assert again.steps == 2
     replaced = train(tiny(tmp_path, corpus, data=("other",), max_steps=1, overwrite=True), progress=False)

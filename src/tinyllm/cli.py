@@ -6,8 +6,10 @@ User errors (bad paths, bad options, unreadable data) print one line on stderr a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +23,28 @@ Handler = Callable[[argparse.Namespace], int]
 
 class UserError(TinyLLMError):
     """A problem with the command line itself: reported as one line, exit code 2, no traceback."""
+
+
+def _positive(value: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _seed(value: str) -> int:
+    """An argparse type: a seed in [0, 2**63), what torch's and numpy's generators take."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if not 0 <= n < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {value!r}")
+    return n
 
 
 # --- fetch-assets -------------------------------------------------------------------------------
@@ -49,14 +73,15 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     from tinyllm.tokenizer import get_tokenizer
 
     tok = model_tokenizer(args.model) if args.model else get_tokenizer(args.tokenizer)
-    ids = tok.encode(args.text)
+    text = args.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # argv need not be UTF-8
+    ids = tok.encode(text)
     tokens = tok.token_strings(ids)
     if args.json:
         print(json.dumps({"ids": ids, "tokens": tokens, "tokenizer": tok.name}, ensure_ascii=False))
     else:
         for i, t in zip(ids, tokens, strict=True):
             print(f"{i:>6}  {t!r}")
-        print(f"{len(ids)} tokens, {len(args.text.encode())} bytes ({tok.name}, {tok.vocab_size:,} tokens)")
+        print(f"{len(ids)} tokens, {len(text.encode())} bytes ({tok.name}, {tok.vocab_size:,} tokens)")
     return 0
 
 
@@ -91,7 +116,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="tokenize a corpus into cached token shards and show its statistics")
     p.add_argument("paths", nargs="*", help="files, folders, globs or 'shakespeare' (default: the built-in corpus)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the train/validation split")
+    p.add_argument("--seed", type=_seed, default=1337, help="seed of the train/validation split")
     p.add_argument(
         "--tokenizer", default="gpt2", help="gpt2 (default), bpe:N (train an N-token BPE), or a trained tokenizer"
     )
@@ -191,7 +216,7 @@ def _add_training_options(p: argparse.ArgumentParser, *, defaults: dict) -> None
         default=None,
         help="replace a run of another recipe (data, model, starting point) in run-dir",
     )
-    p.add_argument("--seed", type=int, help=f"seed of init, data order and samples ({defaults['seed']})")
+    p.add_argument("--seed", type=_seed, help=f"seed of init, data order and samples ({defaults['seed']})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -258,14 +283,16 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     """Options shared by evaluate and compare: the held-out text, the window, the samples, the report."""
     heldout = "held-out text: files, folders, globs or a prepared data directory (default: the checkpoint's own"
     p.add_argument("--data", nargs="+", metavar="PATH", help=heldout + " validation split, else the built-in one)")
-    p.add_argument("--context", type=int, metavar="N", help="tokens per window (default: the model's block size)")
-    p.add_argument("--stride", type=int, metavar="N", help="tokens between windows (default: half the context)")
-    p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens of the held-out text")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward pass (8)")
-    p.add_argument("--seed", type=int, nargs="+", default=[1337], help="sampling seeds, one sample each (1337)")
+    p.add_argument("--context", type=_positive, metavar="N", help="tokens per window (default: the model's block size)")
+    p.add_argument("--stride", type=_positive, metavar="N", help="tokens between windows (default: half the context)")
+    p.add_argument(
+        "--max-tokens", type=_positive, metavar="N", help="score only the first N tokens of the held-out text"
+    )
+    p.add_argument("--batch-size", type=_positive, default=8, metavar="B", help="windows per forward pass (8)")
+    p.add_argument("--seed", type=_seed, nargs="+", default=[1337], help="sampling seeds, one sample each (1337)")
     p.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=_positive,
         default=64,
         metavar="N",
         help="tokens per sample (64), drawn with the server's sampling defaults (T 0.8, top-k 50, top-p 0.95, "
@@ -280,6 +307,12 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 def _eval_kwargs(args: argparse.Namespace) -> dict:
     from tinyllm.server.settings import SamplingDefaults
     from tinyllm.train import detect_device
+
+    if args.report:  # before the evaluation, not after it
+        try:
+            Path(args.report).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--report {args.report}: cannot create that directory ({exc.strerror or exc})") from None
 
     # samples as the server answers /generate/custom and /generate/gpt2: its sampling defaults
     return dict(
@@ -374,7 +407,7 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
     t.add_argument("paths", nargs="*", help="files, folders, globs or 'shakespeare' (default: the built-in corpus)")
     t.add_argument("--vocab-size", type=int, default=8192, help="tokens, <|endoftext|> included (default 8192)")
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
-    t.add_argument("--seed", type=int, default=1337, help="seed of the train/validation split")
+    t.add_argument("--seed", type=_seed, default=1337, help="seed of the train/validation split")
     t.set_defaults(func=_cmd_tokenizer_train)
 
 
@@ -432,7 +465,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop or ()),
         ignore_eos=args.ignore_eos,
     )  # validated before the model loads
-    model, meta = resolve_model(args.model, device=args.device)
+    from tinyllm.train import detect_device
+
+    model, meta = resolve_model(args.model, device=detect_device(args.device))
     prepare_for_inference(model, dtype=args.dtype, quantize=args.quantize)
     tok = tokenizer_from_meta(meta, model)
     prompt = tok.encode(args.prompt) or [tok.eot_token]  # an empty prompt starts from end-of-text, as GPT-2 does
@@ -476,13 +511,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1 = off (1.0)")
     p.add_argument("--presence-penalty", type=float, default=d.presence_penalty, help="-2..2 (0.0)")
     p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, help="-2..2 (0.0)")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
+    p.add_argument("--seed", type=_seed, default=None, help="same seed, same text (default: random)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights (float32: exact)")
     p.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None, help="int8 weights (lossy)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto (cuda > mps > cpu), cuda, cuda:N or mps")
     p.add_argument(
         "--compile",
         action="store_true",
@@ -577,6 +612,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TinyLLMError as exc:
         print(f"tinyllm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
+    except OSError as exc:  # the machine's doing (a home that cannot be created, a full disk): one line, no trace
+        print(f"tinyllm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

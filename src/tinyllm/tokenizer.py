@@ -309,4 +309,13 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) 
         explicit_n_vocab=n_vocab,
     )
     logger.info("trained %s (%d merges)", encoding.name, len(ranks) - 256)
+    if n_vocab < vocab_size:
+        logger.warning(
+            "the text allows only %d merges (pairs seen at least %d times): %d tokens instead of the %d asked; "
+            "train on more text for a larger vocabulary",
+            len(ranks) - 256,
+            min_frequency,
+            n_vocab,
+            vocab_size,
+        )
     return Tokenizer(encoding)
