@@ -43,6 +43,7 @@ def test_duplicate_sources_are_read_once(tmp_path):
     [
         ("empty.txt", b"  \n", "file is empty"),
         ("binary.txt", b"abc\x00\x01\x02", "binary file"),
+        ("utf16.txt", "notes".encode("utf-16"), "is UTF-16 text; convert it to UTF-8"),
         ("latin1.txt", "café".encode("latin-1"), "invalid UTF-8 at byte 3"),
         ("bad.jsonl", b'{"text": "ok"}\n{"title": "no text"}\n', 'bad.jsonl:2: line has no "text"'),
         ("broken.jsonl", b'{"text": "ok"}\n{not json\n', "broken.jsonl:2: not valid JSON"),

@@ -107,8 +107,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     print(f"prepared {data.dir}  (tokenizer {data.meta['tokenizer']}, sources: {', '.join(data.meta['sources'])})")
     print(f"{'split':<6} {'documents':>10} {'bytes':>14} {'tokens':>12} {'bytes/token':>12}")
     for name, s in data.meta["splits"].items():
-        ratio = s["bytes"] / s["tokens"] if s["tokens"] else float("nan")
-        print(f"{name:<6} {s['documents']:>10,} {s['bytes']:>14,} {s['tokens']:>12,} {ratio:>12.2f}")
+        ratio = f"{s['bytes'] / s['tokens']:.2f}" if s["tokens"] else "-"  # an empty split (--val-fraction 0)
+        print(f"{name:<6} {s['documents']:>10,} {s['bytes']:>14,} {s['tokens']:>12,} {ratio:>12}")
     return 0
 
 
