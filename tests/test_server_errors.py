@@ -143,6 +143,9 @@ def test_api_key_is_required_everywhere_but_health(gpt2_tokenizer: Tokenizer) ->
         ok = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         assert "s3cret" not in client.get("/openapi.json").text
+        metrics = client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).text
+        # answered before routing, yet counted under their routes (they were all "unmatched")
+        assert 'route="/generate/custom",status="401"' in metrics and 'route="/v1/models",status="401"' in metrics
 
 
 def test_body_limit_by_content_length_and_by_streamed_body(gpt2_tokenizer: Tokenizer) -> None:
@@ -158,6 +161,8 @@ def test_body_limit_by_content_length_and_by_streamed_body(gpt2_tokenizer: Token
         r = client.post("/generate/custom", content=chunks(), headers={"Content-Type": "application/json"})
         _flat_error(r, 413)
         assert client.post("/generate/custom", json={"prompt": "small", "max_new_tokens": 1}).status_code == 200
+        assert 'route="/v1/completions",status="413"' in client.get("/metrics").text
+        assert 'route="unmatched",status="404"' in (client.get("/nowhere"), client.get("/metrics"))[1].text
 
 
 def test_validation_errors_name_the_field(gpt2_tokenizer: Tokenizer) -> None:

@@ -107,7 +107,8 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    routes = [*routes_seed.router.routes, *routes_openai.router.routes, *routes_ops.router.routes]
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes)
     return app
 
 

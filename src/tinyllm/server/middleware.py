@@ -14,8 +14,9 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinyllm.server.errors import AuthenticationError, PayloadTooLargeError, error_response, internal_error_response
@@ -41,9 +42,17 @@ def _header(scope: Scope, name: bytes) -> str | None:
 class RequestContextMiddleware:
     """Request id, access log, metrics and the last line of defence against bugs."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # to label requests the middleware below answered (401, 413) by their route
+
+    def _route(self, scope: Scope) -> str:
+        """The route template for metrics ("/v1/models/{model}"); "unmatched" for no route (bounded labels)."""
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.routes if r.matches(scope)[0] == Match.FULL), None)
+        return getattr(route, "path", None) or "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,8 +83,9 @@ class RequestContextMiddleware:
                 await internal_error_response(scope["path"])(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - start
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.observe_request(method=scope["method"], route=route, status=status, seconds=seconds)
+            self.metrics.observe_request(
+                method=scope["method"], route=self._route(scope), status=status, seconds=seconds
+            )
             access_logger.info(
                 "method=%s path=%s status=%d duration_ms=%.1f request_id=%s",
                 scope["method"],
