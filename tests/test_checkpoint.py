@@ -124,6 +124,21 @@ def test_atomic_overwrite_leaves_no_temp_dirs(model: GPT, tmp_path: Path) -> Non
     assert not (path / "optimizer.safetensors").exists()  # the new checkpoint replaced the old one whole
 
 
+def test_checkpoint_files_are_readable_as_the_umask_allows(model: GPT, tmp_path: Path) -> None:
+    """safetensors creates its files owner-only: other users (a server's account, a shared machine) could not
+    read the weights of a checkpoint or an export."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "ckpt", model=model, optimizer={"state": {}}, train_state={"step": 1})
+    finally:
+        os.umask(previous)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in Path(path).iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
 def test_failed_save_keeps_old_checkpoint(model: GPT, tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "last", model=model, meta={"step": 1})
     with pytest.raises(TypeError, match="cannot store object"):

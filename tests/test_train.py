@@ -162,6 +162,65 @@ def test_resume_continues_exactly_where_the_run_was_interrupted(tmp_path, corpus
     assert steps == [5, 6, 7, 8]
 
 
+def _signal_at(monkeypatch, step: int, signum: int) -> None:
+    """Deliver `signum` to this process right after optimizer step `step` (as Ctrl-C or `docker stop` would)."""
+    import signal as signal_mod
+
+    real_step = train_mod._Run._step
+
+    def step_then_signal(self, lr, bar):  # noqa: ANN001, ANN202
+        real_step(self, lr, bar)
+        if self.step == step:
+            signal_mod.raise_signal(signum)
+
+    monkeypatch.setattr(train_mod._Run, "_step", step_then_signal)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_between_steps_and_resume_is_exact(tmp_path, corpus, monkeypatch, signame):
+    """Ctrl-C used to save mid-step (batches drawn, AdamW half applied: resume was not exact); SIGTERM saved
+    nothing. Both now stop at the next step boundary and save there."""
+    import signal as signal_mod
+
+    straight = train(tiny(tmp_path, corpus), progress=False)
+    with monkeypatch.context() as m:
+        _signal_at(m, 6, getattr(signal_mod, signame))
+        stopped = train(tiny(tmp_path, corpus, run_dir=str(tmp_path / "stopped")), progress=False)
+    assert (stopped.stopped_by, stopped.steps) == ("interrupted", 6)
+    assert load_checkpoint(stopped.last_checkpoint).meta["step"] == 6
+    assert signal_mod.getsignal(signal_mod.SIGINT) is signal_mod.default_int_handler  # handlers given back
+    resumed = train(tiny(tmp_path, corpus, run_dir=str(tmp_path / "stopped"), resume=True), progress=False)
+    a, b = weights(straight.last_checkpoint), weights(resumed.last_checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed.val_loss == straight.val_loss
+    evals = [r["step"] for r in records(tmp_path / "stopped") if r["event"] == "eval"]
+    assert evals == [r["step"] for r in records(straight.run_dir) if r["event"] == "eval"] == [0, 4, 8]
+
+
+def test_resuming_a_finished_run_keeps_its_validation_loss(tmp_path, corpus):
+    first = train(tiny(tmp_path, corpus), progress=False)
+    again = train(tiny(tmp_path, corpus, resume=True), progress=False)  # nothing left to do
+    assert again.steps == 8 and again.val_loss == first.val_loss  # was nan (and NaN in metrics.jsonl)
+    assert all(math.isfinite(r.get("val_loss", 0.0)) for r in records(first.run_dir))
+
+
+def test_a_fresh_run_removes_the_earlier_runs_checkpoints(tmp_path, corpus, monkeypatch):
+    """The earlier run's best/ survived, and was what evaluate/generate/serve loaded, until the new run's first
+    improving evaluation (for good when it stopped before one)."""
+    train(tiny(tmp_path, corpus, max_steps=4), progress=False)
+    assert (tmp_path / "run" / "best").exists()
+    _signal_at(monkeypatch, 1, __import__("signal").SIGINT)
+    again = train(tiny(tmp_path, corpus, max_steps=4), progress=False)
+    assert again.stopped_by == "interrupted" and not (tmp_path / "run" / "best").exists()
+    assert load_checkpoint(tmp_path / "run" / "last").meta["step"] == 1
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tmp_path, corpus):
+    with pytest.raises(TrainError, match="training diverged at step .*lower --lr"):
+        train(tiny(tmp_path, corpus, optimizer="adamw", lr=1e4, warmup_steps=0, max_steps=20), progress=False)
+    with pytest.raises(TrainError, match="lr must be positive and finite"):
+        train_config(lr=math.inf)
+
+
 def test_max_tokens_stops_at_the_last_whole_step_within_the_budget(tmp_path, corpus):
     result = train(tiny(tmp_path, corpus, max_steps=None, max_tokens=5 * 128 + 100, eval_interval=100), progress=False)
     assert (result.steps, result.tokens, result.stopped_by) == (5, 640, "max_tokens")
@@ -310,6 +369,31 @@ def test_train_spawns_ddp_processes_and_returns_rank0s_result(tmp_path, corpus, 
     assert list(scratch.glob("pytorch-errorfile-*")) == []
 
 
+def test_sigterm_to_the_spawning_process_stops_its_processes_with_a_checkpoint(tmp_path, corpus):
+    """`kill`/`timeout`/`docker stop` signal the process that spawned the DDP processes: they used to train on
+    as orphans (and SIGINT saved nothing under DDP)."""
+    import signal as signal_mod
+    import threading
+    import time
+
+    metrics = tmp_path / "run" / "metrics.jsonl"
+
+    def signal_once_training() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if metrics.exists() and '"event": "train"' in metrics.read_text():
+                os.kill(os.getpid(), signal_mod.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=signal_once_training, daemon=True).start()
+    config = tiny(tmp_path, corpus, processes=2, max_steps=100_000, eval_interval=100_000)
+    result = train(config, progress=False)
+    assert result.stopped_by == "interrupted" and 0 < result.steps < 100_000
+    _, state = load_train_state(tmp_path / "run" / "last")
+    assert state["step"] == result.steps and state["world_size"] == 2
+
+
 @pytest.mark.parametrize("rank0_finished", [True, False])
 def test_a_process_dying_after_rank0_finished_does_not_fail_the_run(tmp_path, corpus, monkeypatch, rank0_finished):
     """gloo can abort a process in its teardown; once rank 0 has published its result the run stands."""
@@ -336,6 +420,23 @@ def test_a_process_dying_after_rank0_finished_does_not_fail_the_run(tmp_path, co
     else:
         with pytest.raises(TrainError, match="process 1 terminated with signal SIGABRT"):
             train(config, progress=False)
+
+
+def test_a_finetune_resumes_whatever_the_spelling_of_its_starting_point(tmp_path, corpus, monkeypatch):
+    """`--from` was recorded as typed: resuming with './base' or from another directory failed."""
+    from tinyllm.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "base", model=GPT(TINY))
+    monkeypatch.chdir(tmp_path)
+    fields = dict(data=(str(corpus),), max_steps=2, eval_interval=2, eval_iters=1, batch_size=4, device="cpu",
+                  run_dir=str(tmp_path / "ft"), sample_tokens=2, max_minutes=None)  # fmt: skip
+    first = finetune(init_from="base", progress=False, **fields)
+    assert load_checkpoint(first.last_checkpoint).meta["train_config"]["init_from"] == str(tmp_path / "base")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = finetune(init_from="../base", progress=False, **{**fields, "max_steps": 3, "resume": True})
+    assert resumed.steps == 3
 
 
 def test_finetune_from_a_local_gpt2_directory(tmp_path, corpus):

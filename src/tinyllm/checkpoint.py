@@ -18,6 +18,7 @@ next to the target, fsynced, then renamed over it); loads are strict and fail wi
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -293,6 +294,8 @@ def atomic_directory(target: str | Path, *, may_replace: Callable[[Path], bool] 
     try:
         yield tmp
         for f in tmp.iterdir():
+            if f.is_file():  # safetensors writes its files owner-only; the rest of a checkpoint follows the umask
+                os.chmod(f, 0o666 & ~_umask())
             _fsync(f)
         _fsync(tmp)
         if target.exists():
@@ -310,6 +313,13 @@ def atomic_directory(target: str | Path, *, may_replace: Callable[[Path], bool] 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:

@@ -237,7 +237,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train.train(train.train_config(preset=args.preset, **fields), progress=not args.no_progress)
     if result.rank == 0:
         print(result.summary())
-    return 0
+    return 130 if result.stopped_by == "interrupted" else 0  # a signal's usual exit status, its run saved
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -247,7 +247,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     result = train.train(config, progress=not args.no_progress)
     if result.rank == 0:
         print(result.summary())
-    return 0
+    return 130 if result.stopped_by == "interrupted" else 0
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

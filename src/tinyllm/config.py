@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,8 +213,8 @@ class TrainConfig:
         for name in ("max_minutes", "eval_minutes"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if not self.muon_lr > 0 or not 0 <= self.muon_momentum < 1 or not self.muon_weight_decay >= 0:
@@ -284,7 +285,6 @@ class TrainConfig:
 FINETUNE_DEFAULTS: dict[str, Any] = {
     "optimizer": "adamw",
     "lr": 6e-5,
-    "min_lr": 6e-6,
     "warmup_steps": 10,
     "eval_interval": 50,
     "run_dir": "runs/finetune",

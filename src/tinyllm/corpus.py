@@ -122,7 +122,7 @@ def _distinct_ids(files: list[SourceFile]) -> list[SourceFile]:
 def _decode(path: Path, raw: bytes) -> str:
     if not raw.strip():
         raise CorpusError(f"{path}: file is empty; remove it or add text")
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16's byte-order marks (Windows Notepad's "Unicode")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) and b"\x00" in raw[:8192]:  # UTF-16 (Notepad's "Unicode")
         raise CorpusError(f"{path}: is UTF-16 text; convert it to UTF-8 (e.g. `iconv -f utf-16 -t utf-8`)")
     if b"\x00" in raw[:8192]:
         raise CorpusError(f"{path}: looks like a binary file (NUL bytes); pass UTF-8 text files only")

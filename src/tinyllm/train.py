@@ -19,7 +19,10 @@ import json
 import logging
 import math
 import os
+import shutil
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -319,6 +322,8 @@ class _Run:
         self.last_eval_step = self.last_save_step = -1
         self.last_eval_time = 0.0  # elapsed seconds at the last evaluation
         self.eval_due = False
+        self.stop_signal: int | None = None  # SIGINT/SIGTERM received: stop at the next step boundary
+        self.diverged: float | None = None  # a non-finite training loss
         self.train_loss: float | None = None
         self.records: list[dict[str, Any]] = []
         self.step_time = 0.0  # EMA of one optimizer step, for stopping before the time budget
@@ -446,7 +451,7 @@ class _Run:
         problems = []
         if self.cfg.init_from is None and config != self._model_config():
             problems.append(f"its model is {config} but this run asks for {self._model_config()}")
-        if saved.get("init_from") != self.cfg.init_from:
+        if _absolute_init(saved.get("init_from")) != self.cfg.init_from:  # (older runs recorded it as typed)
             problems.append(f"it started from {saved.get('init_from')!r}, this run from {self.cfg.init_from!r}")
         if meta.get("data_hash") != self.data_hash():
             problems.append("it was trained on different data")
@@ -506,7 +511,12 @@ class _Run:
         self.warmup_elapsed = state.get("warmup_elapsed")
         self.step_time, self.reserve = float(state.get("step_time", 0.0)), float(state.get("reserve", 0.0))
         self.best = (float(state["best_val_loss"]), float(state["best_val_bpb"]))
-        self.last_save_step = self.last_eval_step = self.step  # saved right after an evaluation
+        self.last_save_step = self.step
+        # where the last evaluation was (older checkpoints were only saved right after one)
+        self.last_eval_step = int(state.get("last_eval_step", self.step))
+        self.last_eval_time = float(state.get("last_eval_time", self.elapsed_before))
+        if state.get("last_eval") is not None:
+            self.last_eval = (float(state["last_eval"][0]), float(state["last_eval"][1]))
         ranks = state["ranks"]
         if len(ranks) != self.dist.world and self.dist.is_main:
             logger.warning(
@@ -536,8 +546,12 @@ class _Run:
                     record = json.loads(line)
                     if record.get("step", 0) <= self.step and record.get("event") != "end":
                         self.records.append(record)
-        elif (self.run_dir / "last").exists():
-            logger.warning("%s holds an earlier run; its checkpoints and metrics will be replaced", self.run_dir)
+        elif any((self.run_dir / name).exists() for name in ("last", "best")):
+            # gone now, not when this run first saves: a `best` left from the earlier run would be what
+            # evaluate, generate and serve load until then (or for good, if this run stops before its first save)
+            logger.warning("%s holds an earlier run; its checkpoints and metrics are replaced", self.run_dir)
+            for name in ("best", "last"):
+                shutil.rmtree(self.run_dir / name, ignore_errors=True)
         tmp = self.metrics_path.with_name(f".{METRICS_FILE}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         os.replace(tmp, self.metrics_path)
@@ -656,6 +670,9 @@ class _Run:
             "dtype": str(self.amp_dtype).removeprefix("torch."),
             "step_time": self.step_time,
             "reserve": self.reserve,
+            "last_eval": list(self.last_eval) if self.last_eval is not None else None,
+            "last_eval_step": self.last_eval_step,
+            "last_eval_time": self.last_eval_time,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
         save_checkpoint(
@@ -682,8 +699,11 @@ class _Run:
         elapsed = self.elapsed()
         out_of_time = self.max_seconds is not None and elapsed + self.step_time + self.reserve >= self.max_seconds
         eval_due = self.cfg.eval_minutes is not None and elapsed - self.last_eval_time >= self.cfg.eval_minutes * 60
-        elapsed, out_of_time, eval_due = self.dist.broadcast([elapsed, out_of_time, eval_due])  # rank 0's clock
-        self.eval_due = bool(eval_due)
+        stopping = self.stop_signal is not None
+        elapsed, out_of_time, eval_due, stopping = self.dist.broadcast([elapsed, out_of_time, eval_due, stopping])
+        self.eval_due = bool(eval_due)  # rank 0's clock and signals rule
+        if stopping:
+            return "interrupted", elapsed
         if self.step_limit is not None and self.step >= self.step_limit:
             return self.step_reason, elapsed
         return ("max_minutes" if out_of_time else None), elapsed
@@ -704,7 +724,35 @@ class _Run:
             self.step, decay_progress=max(progress), warmup_steps=cfg.warmup_steps, lr=cfg.lr, min_lr=cfg.final_lr
         )
 
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Any:
+        """SIGINT (Ctrl-C) or SIGTERM (`docker stop`, a scheduler) asks to stop at the next step boundary and save
+        there, so `--resume` continues exactly; a second Ctrl-C stops at once, saving nothing. Only the main
+        thread can take signals: elsewhere they keep their usual effect."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handle(signum: int, frame: Any) -> None:
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            if self.stop_signal is None and self.dist.is_main:
+                name = signal.Signals(signum).name
+                logger.warning("%s: stopping after this step to save it (Ctrl-C again: stop at once)", name)
+            self.stop_signal = signum
+
+        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
     def run(self) -> TrainResult:
+        with self._stop_on_signals():
+            return self._run()
+
+    def _run(self) -> TrainResult:
         self.t0 = time.perf_counter()
         if self.step == 0:
             self.evaluate(track_best=False)  # the curves' starting point; also measures what an evaluation costs
@@ -718,6 +766,11 @@ class _Run:
                     break
                 started = time.perf_counter()
                 self._step(self.lr(elapsed), bar)
+                if self.dist.broadcast([self.diverged is not None])[0]:  # rank 0's loss: every rank stops
+                    raise TrainError(
+                        f"training diverged at step {self.step} (the loss is not finite); nothing was saved "
+                        f"from it: lower --lr (now {self.cfg.lr:g}) or raise --warmup-steps"
+                    )
                 took = time.perf_counter() - started  # one whole iteration, what the time budget must fit
                 self.train_seconds += took
                 self.step_time = took if self.step_time == 0 else 0.9 * self.step_time + 0.1 * took
@@ -726,14 +779,18 @@ class _Run:
                     self._window = (*self._window[:2], time.perf_counter())
                 if bar is not None:
                     bar.update(self.elapsed() - bar.n if self.max_seconds is not None else 1)
-        except KeyboardInterrupt:
-            if self.dist.world == 1 and self.step > self.last_save_step:
-                logger.warning("interrupted: saving %s", self.run_dir / "last")
-                self.save(best=False)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once; a step may be half done, so nothing is saved
+            logger.warning("interrupted again: stopped without saving this run's last steps")
             raise
         finally:
             if bar is not None:
                 bar.close()
+        if reason == "interrupted":  # between two steps: the state --resume continues from exactly
+            if self.step > self.last_save_step:
+                self.save(best=False)
+            if self.dist.is_main:
+                logger.warning("stopped at step %d; %s holds it: --resume continues", self.step, self.run_dir / "last")
+            return self._finish(reason)
         if self.last_eval_step != self.step:
             self._eval_and_save()
         elif self.last_save_step != self.step:  # stopped right after the step-0 evaluation: save that model
@@ -759,7 +816,10 @@ class _Run:
         self.tokens += self.tokens_per_step
         self.session_tokens += self.tokens_per_step
         total, steps, start = self._window
-        total, steps = total + loss.item(), steps + 1
+        value = loss.item()
+        if not math.isfinite(value):
+            self.diverged = value
+        total, steps = total + value, steps + 1
         self._window = (total, steps, start)
         if self.step % cfg.log_interval:
             return
@@ -872,6 +932,34 @@ def _spawned(
         raise
 
 
+@contextlib.contextmanager
+def _forward_stop_signals(processes: Sequence[Any]) -> Any:
+    """While this process waits for the ones it spawned: SIGINT or SIGTERM to it alone (`timeout`, `kill`, `docker
+    stop`) reaches them as SIGTERM, which they take as "save at the next step and stop", instead of leaving them
+    training as orphans. A Ctrl-C reaches them anyway (the terminal signals the whole group); a second one to this
+    process stops waiting."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    forwarded = False
+
+    def handle(signum: int, frame: Any) -> None:
+        nonlocal forwarded
+        if forwarded and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        forwarded = True
+        for process in processes:
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
     """Run `train` as `world` DDP processes on this machine (what torchrun --standalone does) and return rank 0's
     result; a process's TinyLLMError comes back as a TrainError with its message, and stops the others."""
@@ -886,8 +974,9 @@ def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
     context = mp.start_processes(_spawned, args=args, nprocs=world, join=False, start_method="spawn")
     failure: str | None = None
     try:
-        while not context.join():
-            pass
+        with _forward_stop_signals(getattr(context, "processes", ())):
+            while not context.join():
+                pass
     except ProcessException as exc:
         failure = str(exc).strip().splitlines()[-1]
     finally:  # a failed process leaves its traceback in a temporary file that torch does not remove
@@ -910,6 +999,13 @@ def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
     return done
 
 
+def _absolute_init(init_from: str | None) -> str | None:
+    """A local checkpoint or directory as an absolute path; "gpt2" names and hub ids as they are."""
+    if init_from is None or not Path(init_from).expanduser().exists():
+        return init_from
+    return os.path.abspath(os.path.expanduser(init_from))
+
+
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Train (or fine-tune, with `config.init_from`) until the first budget; return what happened.
 
@@ -921,7 +1017,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         TrainError: unusable options or run directory (e.g. resume without a checkpoint, or a mismatched one).
         TinyLLMError: unreadable data (`CorpusError`) or weights (`CheckpointError`, `GPT2UnavailableError`).
     """
-    config = dataclasses.replace(config, data=absolute_sources(config.data))  # the run records them
+    config = dataclasses.replace(  # the run records them: the same from any directory (evaluate, --resume)
+        config, data=absolute_sources(config.data), init_from=_absolute_init(config.init_from)
+    )
     world = resolve_processes(config)
     if world > 1:
         return _spawn(config, world, progress=progress)
