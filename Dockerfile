@@ -17,7 +17,7 @@
 #                        the build fails if a CUDA torch or any nvidia-* package slips in anyway)
 #   PIP_FIND_LINKS       empty; a directory of local wheels (with a build volume, e.g. podman build -v)
 #   TRAIN_MINUTES        2: wall-clock budget of the training done during the build
-#   TRAIN_ARGS           extra `tinyllm train` options, e.g. "--preset tiny"
+#   TRAIN_ARGS           extra `tinyllm train` options, e.g. "--preset seed"
 #   C_COMPILER           gcc: the C compiler kept in the image for the C decode step; empty for none (-202 MB)
 # Empty PIP_* arguments are left unset. A pretrained GPT-2 is not baked in: /generate/gpt2 loads it from
 # the Hugging Face hub at start-up (TINYLLM_GPT2, set it to "off" to disable) and answers 503 without it.

@@ -110,6 +110,26 @@ def test_tokenize_takes_text_that_is_not_utf8_and_pipes_close_quietly(gpt2_token
     assert main(["tokenize", "hello"]) == 141
 
 
+def test_generate_samples_as_the_seed_route_does(tinyllm_home, gpt2_tokenizer, tmp_path, capsys):
+    """One set of defaults: the same prompt and seed give the same text on the command line and from
+    /generate/custom (the CLI had no repetition penalty and 128 tokens; the route 1.2 and 64)."""
+    from fastapi.testclient import TestClient
+
+    from tinyllm.checkpoint import save_checkpoint
+    from tinyllm.config import ModelConfig
+    from tinyllm.model import GPT
+    from tinyllm.server import ServerSettings, create_app
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt", model=GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=128)))
+    assert main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "Once upon", "--seed", "7"]) == 0
+    printed = capsys.readouterr().out.removesuffix("\n")  # print()'s own newline
+    settings = ServerSettings(checkpoint=str(tmp_path / "ckpt"), gpt2=None, slots=1, compile=False)
+    with TestClient(create_app(settings)) as client:
+        served = client.post("/generate/custom", json={"prompt": "Once upon", "seed": 7}).json()["generated_text"]
+    assert printed == served and len(printed) > len("Once upon")
+
+
 def test_unknown_command_exits_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["nope"])

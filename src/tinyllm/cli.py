@@ -116,7 +116,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="tokenize a corpus into cached token shards and show its statistics")
     p.add_argument("paths", nargs="*", help="files, folders, globs or 'shakespeare' (default: the built-in corpus)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
-    p.add_argument("--seed", type=_seed, default=1337, help="seed of the train/validation split")
+    p.add_argument("--seed", type=_seed, default=1337, help="seed of the train/validation split (1337)")
     p.add_argument(
         "--tokenizer", default="gpt2", help="gpt2 (default), bpe:N (train an N-token BPE), or a trained tokenizer"
     )
@@ -206,7 +206,9 @@ def _add_training_options(p: argparse.ArgumentParser, *, defaults: dict) -> None
     p.add_argument("--eval-iters", type=int, metavar="N", help=f"validation batches ({defaults['eval_iters']})")
     p.add_argument("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (auto)")
     dtypes = ["auto", "float32", "bfloat16", "float16"]
-    p.add_argument("--dtype", choices=dtypes, help="autocast dtype; auto: bf16 on CUDA, on CPU where measured faster")
+    p.add_argument(
+        "--dtype", choices=dtypes, help="autocast dtype (auto): bf16 on CUDA, on a CPU where measured faster"
+    )
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--run-dir", help=f"checkpoints, metrics.jsonl, loss.png ({defaults['run_dir']})")
     p.add_argument("--resume", action="store_true", default=None, help="continue run-dir/last exactly")
@@ -254,7 +256,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from tinyllm.config import PRESETS, TrainConfig
 
     p = sub.add_parser("train", help="train a GPT from scratch (budgeted, resumable; DDP under torchrun)")
-    p.add_argument("--preset", default="default", help=f"model shape: {', '.join(PRESETS)} (default)")
+    p.add_argument("--preset", default="default", help=f"model shape: {', '.join(PRESETS)} (default: default)")
     p.add_argument(
         "--tokenizer",
         help="gpt2, bpe:N (an N-token BPE trained on the training split, once per corpus), or a trained "
@@ -407,7 +409,7 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
     t.add_argument("paths", nargs="*", help="files, folders, globs or 'shakespeare' (default: the built-in corpus)")
     t.add_argument("--vocab-size", type=int, default=8192, help="tokens, <|endoftext|> included (default 8192)")
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
-    t.add_argument("--seed", type=_seed, default=1337, help="seed of the train/validation split")
+    t.add_argument("--seed", type=_seed, default=1337, help="seed of the train/validation split (1337)")
     t.set_defaults(func=_cmd_tokenizer_train)
 
 
@@ -436,7 +438,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="train the default model if none exists, then serve it (what `make run` does)")
     p.add_argument("--run-dir", default="runs/default", help="where the default model lives (default runs/default)")
-    p.add_argument("--minutes", type=float, default=10.0, help="training budget when no checkpoint exists")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget when no checkpoint exists (10)")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1, or $TINYLLM_HOST)")
     p.add_argument("--port", type=int, default=None, help="port (default 5000, or $TINYLLM_PORT)")
     p.set_defaults(func=_cmd_run)
@@ -498,8 +500,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     from tinyllm.sampling import SamplingParams
+    from tinyllm.server.settings import SamplingDefaults
 
-    d = SamplingParams()
+    d = SamplingDefaults()  # the seed routes' defaults: same prompt and seed, same text as /generate/custom
+    penalties = SamplingParams()
     p = sub.add_parser("generate", help="generate text from a prompt with a checkpoint or GPT-2")
     p.add_argument("--model", required=True, help="a checkpoint or run directory, gpt2, a hub id or a HF GPT-2 dir")
     p.add_argument("--prompt", required=True, help="the text to continue")
@@ -508,9 +512,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off ({d.top_k})")
     p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off ({d.top_p})")
     p.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off ({d.min_p})")
-    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1 = off (1.0)")
-    p.add_argument("--presence-penalty", type=float, default=d.presence_penalty, help="-2..2 (0.0)")
-    p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, help="-2..2 (0.0)")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=d.repetition_penalty, help=f"1 = off ({d.repetition_penalty})"
+    )
+    p.add_argument("--presence-penalty", type=float, default=penalties.presence_penalty, help="-2..2 (0.0)")
+    p.add_argument("--frequency-penalty", type=float, default=penalties.frequency_penalty, help="-2..2 (0.0)")
     p.add_argument("--seed", type=_seed, default=None, help="same seed, same text (default: random)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
@@ -560,7 +566,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="checkpoint or run directory (default runs/default); none: serve GPT-2 only",
     )
     gpt2 = p.add_mutually_exclusive_group()
-    gpt2.add_argument("--gpt2", default=None, metavar="SOURCE", help="GPT-2 hub id or local directory")
+    gpt2.add_argument(
+        "--gpt2",
+        default=None,
+        metavar="SOURCE",
+        help="GPT-2 hub id or local directory (default openai-community/gpt2, or $TINYLLM_GPT2); off: none",
+    )
     gpt2.add_argument("--no-gpt2", action="store_true", help="serve without GPT-2")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (prefer $TINYLLM_API_KEY)")
     p.add_argument(

@@ -123,9 +123,15 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
                 return load_hf_tokenizer(candidate)
             if (candidate / TOKENIZER_JSON).exists():
                 return load_tokenizer(candidate)
+        recipe = (
+            "; bpe:N is a recipe for training one (train, prepare), not a name: a trained model's tokenizer is "
+            "`--model RUN`'s"
+            if name.startswith("bpe:")
+            else ""
+        )
         raise TokenizerError(
             f"unknown tokenizer {name!r}: not 'gpt2', not a tokenizer directory, and not a trained tokenizer in "
-            f"{trained_tokenizers_dir()}; train one with `tinyllm tokenizer train`"
+            f"{trained_tokenizers_dir()}; train one with `tinyllm tokenizer train`{recipe}"
         )
     path = assets.gpt2_ranks_path()
     if not path.exists():
