@@ -196,6 +196,15 @@ def test_a_signal_stops_between_steps_and_resume_is_exact(tmp_path, corpus, monk
     assert evals == [r["step"] for r in records(straight.run_dir) if r["event"] == "eval"] == [0, 4, 8]
 
 
+def test_a_malformed_train_state_is_one_clear_error(tmp_path, corpus):
+    train(tiny(tmp_path, corpus, max_steps=2), progress=False)
+    path = tmp_path / "run" / "last" / "train_state.json"
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps({**state, "step": "x"}))
+    with pytest.raises(TrainError, match="its training state is malformed \\(ValueError"):
+        train(tiny(tmp_path, corpus, max_steps=4, resume=True), progress=False)
+
+
 def test_resuming_a_finished_run_keeps_its_validation_loss(tmp_path, corpus):
     first = train(tiny(tmp_path, corpus), progress=False)
     again = train(tiny(tmp_path, corpus, resume=True), progress=False)  # nothing left to do
