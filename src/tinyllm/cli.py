@@ -167,12 +167,9 @@ def _processes(value: str) -> int | str:
     if value == "auto":
         return value
     try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
-    return n
+        return _positive(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
 
 
 def _add_training_options(p: argparse.ArgumentParser, *, defaults: dict) -> None:

@@ -737,11 +737,7 @@ class _Run:
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Any:
         """SIGINT (Ctrl-C) or SIGTERM (`docker stop`, a scheduler) asks to stop at the next step boundary and save
-        there, so `--resume` continues exactly; a second Ctrl-C stops at once, saving nothing. Only the main
-        thread can take signals: elsewhere they keep their usual effect."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+        there, so `--resume` continues exactly; a second Ctrl-C stops at once, saving nothing."""
 
         def handle(signum: int, frame: Any) -> None:
             if self.stop_signal is not None and signum == signal.SIGINT:
@@ -751,12 +747,8 @@ class _Run:
                 logger.warning("%s: stopping after this step to save it (Ctrl-C again: stop at once)", name)
             self.stop_signal = signum
 
-        previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with _stop_signals_to(handle):
             yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
     def run(self) -> TrainResult:
         with self._stop_on_signals():
@@ -948,9 +940,6 @@ def _forward_stop_signals(processes: Sequence[Any]) -> Any:
     stop`) reaches them as SIGTERM, which they take as "save at the next step and stop", instead of leaving them
     training as orphans. A Ctrl-C reaches them anyway (the terminal signals the whole group); a second one to this
     process stops waiting."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     forwarded = False
 
     def handle(signum: int, frame: Any) -> None:
@@ -962,6 +951,17 @@ def _forward_stop_signals(processes: Sequence[Any]) -> Any:
             with contextlib.suppress(OSError):
                 os.kill(process.pid, signal.SIGTERM)
 
+    with _stop_signals_to(handle):
+        yield
+
+
+@contextlib.contextmanager
+def _stop_signals_to(handle: Callable[[int, Any], None]) -> Any:
+    """SIGINT and SIGTERM go to `handle` inside, the previous handlers after. Only the main thread can take
+    signals: elsewhere they keep their usual effect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
