@@ -293,3 +293,59 @@ def test_page_compares_models_in_a_real_browser(live_server: LiveServer, browser
         raise
     finally:
         context.close()
+
+
+def test_page_key_box_numbers_truncation_and_focus(live_server: LiveServer, browser) -> None:
+    """Found by an exploratory pass: the key box reopened over the prompt on every keystroke; a 401's notice
+    outlived the right key; "1e2" tokens were sent as 1; the context error asked for a truncation the page could
+    not ask for; Generate from the keyboard left focus on <body>."""
+    import json
+
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 375, "height": 740})
+    page = context.new_page()
+    bodies: list[dict] = []
+    page.on("request", lambda r: r.url.endswith("/v1/completions") and bodies.append(json.loads(r.post_data)))
+    page.set_default_timeout(20_000)
+    expect.set_options(timeout=60_000)
+    try:
+        page.goto(live_server.url + "/")
+        box = page.locator("#api-key-box")
+        expect(box).to_have_attribute("open", "")  # a key is needed: the box opens once...
+        page.locator("#panel-custom").click()  # ...and a click elsewhere closes it
+        expect(box).not_to_have_attribute("open", "")
+        page.locator("#prompt").press_sequentially(" and", delay=20)
+        page.wait_for_timeout(900)  # past the tokenize debounce: its 401 must not reopen the box
+        expect(box).not_to_have_attribute("open", "")
+
+        custom = page.locator("#panel-custom")
+        page.click("#generate")
+        expect(custom.locator('[data-role="notice"]')).to_contain_text("Unauthorized")
+        page.click("#api-key-box summary")
+        page.fill("#api-key", API_KEY)
+        expect(custom.locator('[data-role="notice"]')).to_be_hidden()  # the new key's; the old 401 no longer holds
+        expect(page.locator("#tokenizer-name")).to_have_text("GPT-2 BPE")  # the tiny custom model keeps GPT-2's
+
+        page.fill("#max_tokens", "2.7")
+        page.click("#generate")
+        expect(page.locator("#form-status")).to_contain_text("Max tokens must be a whole number")
+        expect(page.locator("#max_tokens")).to_be_focused()
+        assert len(bodies) == 2  # the unauthorized run's two; nothing more sent
+
+        page.fill("#max_tokens", "1e1")
+        page.fill("#seed", "5")
+        page.check("#truncate")
+        page.focus("#generate")
+        page.keyboard.press("Enter")
+        expect(custom.locator('[data-stat="finish"]')).to_have_text("length")
+        sent = [b for b in bodies if b["model"] == "custom"][-1]
+        assert sent["max_tokens"] == 10 and sent["truncate_prompt"] is True
+        expect(custom.locator('[data-stat="tokens"]')).to_have_text("10")
+        expect(page.locator("#generate")).to_be_focused()  # focus went to Stop while running, then back
+    except Exception:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-forms-failure.png"), full_page=True)
+        raise
+    finally:
+        context.close()

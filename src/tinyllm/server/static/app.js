@@ -20,6 +20,7 @@ const els = {
   chips: $("#token-chips"),
   tokenCount: $("#token-count"),
   tokenizerName: $("#tokenizer-name"),
+  truncate: $("#truncate"),
   apiKey: $("#api-key"),
   rememberKey: $("#remember-key"),
   apiKeyBox: $("#api-key-box"),
@@ -72,9 +73,12 @@ async function errorMessage(response) {
   return text.trim() || `${response.status} ${response.statusText}`;
 }
 
+/** Flag the API-key box; it opens when a key first turns out to be needed, not on every 401 after (it would
+ * cover the prompt while the user types: each keystroke's /tokenize answers 401 too). */
 function markKeyNeeded(needed) {
+  const was = els.apiKeyBox.classList.contains("needed");
   els.apiKeyBox.classList.toggle("needed", needed);
-  if (needed) els.apiKeyBox.open = true;
+  if (needed && !was) els.apiKeyBox.open = true;
 }
 
 /** Yield each `data:` payload of a server-sent-events body, parsed as JSON ("[DONE]" ends it). */
@@ -159,7 +163,7 @@ async function refreshReady() {
       setBadge(model, "unknown", "");
     } else if (state.loaded) {
       setBadge(model, "ready", "ok");
-      if (panel.notice.dataset.source === "ready") setNotice(model, "");
+      if (["ready", "auth"].includes(panel.notice.dataset.source)) setNotice(model, "");
     } else if (state.state === "loading") {
       loading = true;
       setBadge(model, "loading…", "busy");
@@ -221,6 +225,7 @@ async function tokenize() {
     if (!response.ok) {
       if (response.status === 401) markKeyNeeded(true);
       els.tokenCount.textContent = `Tokenizer unavailable: ${await errorMessage(response)}`;
+      els.tokenizerName.textContent = "";
       els.chips.replaceChildren();
       return;
     }
@@ -259,24 +264,39 @@ async function tokenize() {
 
 // --- generation ----------------------------------------------------------------------------------
 
-function number(id, parse = Number) {
+const INTEGER_FIELDS = ["max_tokens", "top_k", "seed"];
+
+function number(id) {
   const input = document.getElementById(id);
   if (input.value.trim() === "" || input.disabled) return undefined;
-  const value = parse(input.value);
+  const value = Number(input.value); // "1e2" is 100 (parseInt read 1)
   return Number.isFinite(value) ? value : undefined;
+}
+
+/** The first integer field holding something else (2.7, 1e20, a seed past 2^53), with why; else null. */
+function badIntegerField() {
+  for (const id of INTEGER_FIELDS) {
+    const value = number(id);
+    if (value !== undefined && !Number.isSafeInteger(value)) {
+      const label = document.querySelector(`label[for="${id}"]`)?.firstChild?.textContent.trim() || id;
+      return { id, message: `${label} must be a whole number up to ${Number.MAX_SAFE_INTEGER}.` };
+    }
+  }
+  return null;
 }
 
 function requestBody(model) {
   const body = {
     model,
     prompt: els.prompt.value,
-    max_tokens: number("max_tokens", parseInt),
+    max_tokens: number("max_tokens"),
     temperature: number("temperature"),
     top_p: number("top_p"),
-    top_k: number("top_k", parseInt),
+    top_k: number("top_k"),
     min_p: number("min_p"),
     repetition_penalty: number("repetition_penalty"),
-    seed: number("seed", parseInt),
+    seed: number("seed"),
+    truncate_prompt: els.truncate.checked || undefined,
     stream: true,
     stream_options: { include_usage: true },
     logprobs: TOP_LOGPROBS,
@@ -370,6 +390,7 @@ async function runModel(model, signal) {
       if (response.status === 401) {
         markKeyNeeded(true);
         setNotice(model, `Unauthorized: ${message}. Enter the server's API key above.`, { error: true });
+        panel.notice.dataset.source = "auth"; // cleared once a key makes the model answer again
         finish = "unauthorized";
       } else if (response.status === 503) {
         panel.output.replaceChildren();
@@ -428,29 +449,44 @@ async function runModel(model, signal) {
     const first = panel.output.querySelector(".tok");
     if (first) first.tabIndex = els.showProbs.checked ? 0 : -1;
   }
+  return finish;
+}
+
+function formError(message, field) {
+  els.formStatus.textContent = message;
+  els.formStatus.classList.add("error");
+  field.focus();
 }
 
 async function generate() {
   if (running) return;
-  if (!els.prompt.value.trim()) {
-    els.formStatus.textContent = "Type a prompt first.";
-    els.prompt.focus();
-    return;
-  }
+  if (!els.prompt.value) return formError("Type a prompt first.", els.prompt);
+  const bad = badIntegerField();
+  if (bad) return formError(bad.message, document.getElementById(bad.id));
   const controller = new AbortController();
   running = { controller };
   hidePopover();
-  els.generate.disabled = true;
+  const hadFocus = document.activeElement === els.generate; // a keyboard user keeps a focused control
   els.stop.disabled = false;
+  if (hadFocus) els.stop.focus();
+  els.generate.disabled = true;
   els.formStatus.classList.remove("error");
   els.formStatus.textContent = "Generating…";
   const t0 = performance.now();
-  await Promise.all(MODELS.map((model) => runModel(model, controller.signal)));
+  const finishes = await Promise.all(MODELS.map((model) => runModel(model, controller.signal)));
   running = null;
   els.generate.disabled = false;
+  const stopHadFocus = document.activeElement === els.stop || document.activeElement === document.body;
   els.stop.disabled = true;
+  if (hadFocus && stopHadFocus) els.generate.focus();
   const seconds = ((performance.now() - t0) / 1000).toFixed(1);
-  els.formStatus.textContent = controller.signal.aborted ? `Stopped after ${seconds} s.` : `Done in ${seconds} s.`;
+  const failed = finishes.every((f) => ["error", "unauthorized", "not loaded"].includes(f));
+  els.formStatus.classList.toggle("error", failed && !controller.signal.aborted);
+  els.formStatus.textContent = controller.signal.aborted
+    ? `Stopped after ${seconds} s.`
+    : failed
+      ? "Neither model answered: see the panels."
+      : `Done in ${seconds} s.`;
 }
 
 function stop() {
@@ -601,6 +637,14 @@ function wire() {
   els.apiKey.addEventListener("input", () => {
     storeKey();
     markKeyNeeded(false);
+    for (const model of MODELS) {
+      // a 401's notice no longer applies to the new key (the next /ready poll sets the badge)
+      if (panels[model].notice.dataset.source === "auth") {
+        setNotice(model, "");
+        panels[model].notice.dataset.source = "";
+        panels[model].stat("finish").textContent = "–";
+      }
+    }
     scheduleTokenize();
     clearTimeout(keyTimer);
     keyTimer = setTimeout(refreshReady, TOKENIZE_DEBOUNCE_MS);
@@ -612,7 +656,13 @@ function wire() {
     generate();
   });
   els.stop.addEventListener("click", stop);
-  els.prompt.addEventListener("input", scheduleTokenize);
+  els.prompt.addEventListener("input", () => {
+    scheduleTokenize();
+    if (els.formStatus.classList.contains("error")) {
+      els.formStatus.classList.remove("error"); // "Type a prompt first." and the like no longer apply
+      els.formStatus.textContent = "";
+    }
+  });
   document.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
       event.preventDefault();
