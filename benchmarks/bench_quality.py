@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         base = default_config()
         model = replace(PRESETS[base.preset], **overrides.pop("model"))
         overrides = {"model": model, "tokenizer": base.tokenizer_spec, "processes": base.processes_spec, **overrides}
+    # the benchmark's own directory: each run replaces the last, whatever its --set (another recipe)
+    overrides.setdefault("overwrite", True)
     config = default_config(minutes=args.minutes, run_dir=args.run_dir, device=str(device), **overrides)
     progress = not (args.json or args.no_progress)
     trained = train(config, progress=progress)

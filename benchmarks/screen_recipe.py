@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model:
             overrides["model"] = dataclasses.replace(PRESETS["default"], **_pairs(args.model))
             overrides.setdefault("tokenizer", "bpe:4096")  # an explicit shape would otherwise default to GPT-2's
-        config = default_config(run_dir=run_dir, **{"max_minutes": 10.0, **overrides})
+        config = default_config(run_dir=run_dir, **{"max_minutes": 10.0, "overwrite": True, **overrides})
         result = train(config, progress=False)
         loaded = load_checkpoint(find_checkpoint(run_dir), device="cpu")
         score = evaluate_model(loaded.model, data=training_heldout(run_dir), tokenizer=loaded.tokenizer())
