@@ -177,9 +177,17 @@ async function refreshReady() {
 }
 
 /** Poll /ready: often while a model loads, rarely otherwise, never in a hidden tab. */
+let readyTimer = 0;
 async function pollReady() {
+  clearTimeout(readyTimer);
   const loading = document.visibilityState === "visible" ? await refreshReady() : false;
-  setTimeout(pollReady, loading ? READY_POLL_LOADING_MS : READY_POLL_MS);
+  readyTimer = setTimeout(pollReady, loading || running ? READY_POLL_LOADING_MS : READY_POLL_MS); // a run skips the badges
+}
+
+/** A generation found a model still loading: look again soon rather than at the next slow poll. */
+function pollReadySoon() {
+  clearTimeout(readyTimer);
+  readyTimer = setTimeout(pollReady, READY_POLL_LOADING_MS);
 }
 
 // --- the prompt's tokens -------------------------------------------------------------------------
@@ -392,6 +400,12 @@ async function runModel(model, signal) {
         setNotice(model, `Unauthorized: ${message}. Enter the server's API key above.`, { error: true });
         panel.notice.dataset.source = "auth"; // cleared once a key makes the model answer again
         finish = "unauthorized";
+      } else if (response.status === 503 && /still loading/.test(message)) {
+        panel.output.replaceChildren();
+        setNotice(model, "Still loading; try again in a few seconds.");
+        panel.notice.dataset.source = "ready"; // cleared by the /ready poll once it is loaded
+        finish = "loading";
+        pollReadySoon();
       } else if (response.status === 503) {
         panel.output.replaceChildren();
         setNotice(model, `Not loaded: ${message}`);
@@ -444,6 +458,7 @@ async function runModel(model, signal) {
     showStats();
     panel.stat("finish").textContent = finish ?? "–";
     if (finish === "not loaded") setBadge(model, "not loaded", "bad");
+    else if (finish === "loading") setBadge(model, "loading…", "busy");
     else if (finish === "error" || finish === "unauthorized") setBadge(model, finish, "bad");
     else setBadge(model, finish === "stopped" ? "stopped" : "done", finish === "stopped" ? "" : "ok");
     const first = panel.output.querySelector(".tok");
@@ -480,7 +495,7 @@ async function generate() {
   els.stop.disabled = true;
   if (hadFocus && stopHadFocus) els.generate.focus();
   const seconds = ((performance.now() - t0) / 1000).toFixed(1);
-  const failed = finishes.every((f) => ["error", "unauthorized", "not loaded"].includes(f));
+  const failed = finishes.every((f) => ["error", "unauthorized", "not loaded", "loading"].includes(f));
   els.formStatus.classList.toggle("error", failed && !controller.signal.aborted);
   els.formStatus.textContent = controller.signal.aborted
     ? `Stopped after ${seconds} s.`
