@@ -336,3 +336,47 @@ def test_a_split_prepared_with_gpt2_is_scored_in_the_models_own_tokens(tinyllm_h
     assert max(tokens) < trained.vocab_size
     result = evaluate_model(tiny_gpt(vocab_size=trained.vocab_size), data=data, tokenizer=trained)
     assert result.bytes == nbytes and result.tokens_scored == len(expected) - 1
+
+
+def test_compare_with_max_tokens_scores_the_same_bytes_across_tokenizers(gpt2_tokenizer, tmp_path):
+    """--max-tokens cut each model's own first N tokens: a 300-token BPE and GPT-2's spelled different text."""
+    from tinyllm.checkpoint import save_checkpoint
+    from tinyllm.export import export_hf
+    from tinyllm.tokenizer import train_bpe
+
+    text = "Now is the winter of our discontent made glorious summer by this sun of York. " * 40
+    (tmp_path / "heldout.txt").write_text(text)
+    bpe = train_bpe([text], vocab_size=300)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "custom", model=GPT(ModelConfig(vocab_size=300, block_size=64, n_layer=1, n_head=2,
+                                                               n_embd=16)), tokenizer=bpe)  # fmt: skip
+    save_checkpoint(tmp_path / "g", model=GPT(ModelConfig(block_size=64, n_layer=1, n_head=2, n_embd=16)))
+    export_hf(tmp_path / "g", tmp_path / "gpt2")
+    custom, gpt2 = ev.compare_models(
+        custom=str(tmp_path / "custom"), gpt2=str(tmp_path / "gpt2"), prompts=[],
+        data=[tmp_path / "heldout.txt"], max_tokens=60,
+    )  # fmt: skip
+    assert custom.eval.tokens_scored == 60
+    longest = max(len(gpt2_tokenizer.token_bytes(t)) for t in gpt2_tokenizer.encode(text))
+    assert custom.eval.bytes - longest < gpt2.eval.bytes <= custom.eval.bytes  # the same text, to within a token
+    assert gpt2.eval.tokens_scored != 60
+
+
+def test_a_model_with_nan_weights_reports_without_crashing(tiny_checkpoint, tmp_path, capsys):
+    """The report's plot raised on NaN axis limits (after the evaluation, before the results were printed), and
+    --json printed a bare NaN, which strict JSON parsers reject."""
+    import json
+
+    from tinyllm.checkpoint import load_checkpoint, save_checkpoint
+    from tinyllm.cli import main
+
+    run, text = tiny_checkpoint
+    broken = load_checkpoint(run / "best")
+    with torch.no_grad():
+        broken.model.transformer.ln_f.weight.fill_(float("nan"))
+    save_checkpoint(tmp_path / "nan", model=broken.model)
+    argv = ["evaluate", "--model", str(tmp_path / "nan"), "--data", str(text), "--device", "cpu", "--json"]
+    assert main([*argv, "--report", str(tmp_path / "report")]) == 0
+    body = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert body["models"][0]["eval"]["bits_per_byte"] is None
+    assert (tmp_path / "report" / "bits_per_byte.png").exists()

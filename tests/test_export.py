@@ -194,3 +194,25 @@ def test_a_hub_id_in_the_cache_loads_offline_with_its_own_tokenizer(tmp_path: Pa
     assert model_tokenizer("openai-community/gpt2").name == "gpt2" == gpt2_source_tokenizer("gpt2-medium").name
     (repo / "snapshots" / commit / "vocab.json").unlink()
     assert model_tokenizer("someone/tiny-bpe").name == "gpt2"
+
+
+def test_export_refuses_a_directory_holding_other_files_and_names_the_tokenizers_end_of_text(tmp_path: Path) -> None:
+    """Any GPT-2 directory was replaced whole (a README, a .git, optimizer files beside it were deleted); and a
+    vocabulary padded past the tokenizer's got its last padding row as end-of-text."""
+    from tinyllm.tokenizer import train_bpe
+
+    tok = train_bpe(
+        ["Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 30], vocab_size=300
+    )
+    torch.manual_seed(0)
+    padded = GPT(ModelConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()  # 20 spare rows
+    save_checkpoint(tmp_path / "ckpt", model=padded, tokenizer=tok)
+    out = export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((out / name).read_text())
+        assert config["eos_token_id"] == config["bos_token_id"] == tok.eot_token == 299
+    (out / "README.md").write_text("the model card someone wrote")
+    (out / ".git").mkdir()
+    with pytest.raises(CheckpointError, match="refusing to replace it"):
+        export_hf(tmp_path / "ckpt", out)
+    assert (out / "README.md").read_text() == "the model card someone wrote" and (out / ".git").is_dir()

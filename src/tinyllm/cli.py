@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -321,6 +322,17 @@ def _eval_kwargs(args: argparse.Namespace) -> dict:
     )  # fmt: skip
 
 
+def _finite(value: object) -> object:
+    """`value` with NaN and infinities (not JSON) as None, through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _print_results(args: argparse.Namespace, results: list, *, run_spec: str | None) -> None:
     from pathlib import Path
 
@@ -332,8 +344,11 @@ def _print_results(args: argparse.Namespace, results: list, *, run_spec: str | N
             candidates = (Path(run_spec), Path(run_spec).parent)
             run_dir = next((d for d in candidates if (d / "metrics.jsonl").is_file()), None)
         report = write_report(args.report, run_dir=run_dir, results=results)
-    if args.json:
-        print(json.dumps({"models": [r.to_dict() for r in results]}, indent=2, ensure_ascii=False))
+    for r in results:
+        if r.eval is not None and not math.isfinite(r.eval.bits_per_byte):
+            logger.warning("%s scores %s bits per byte: its weights hold NaN or inf", r.name, r.eval.bits_per_byte)
+    if args.json:  # strict JSON: a broken model's NaN is null
+        print(json.dumps({"models": [_finite(r.to_dict()) for r in results]}, indent=2, ensure_ascii=False))
     else:
         print(text_summary(results), end="")
     if args.report:

@@ -276,13 +276,16 @@ def evaluate_model(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     max_tokens: int | None = None,
+    max_bytes: int | None = None,
     progress: bool = False,
     tokenizer: Tokenizer | None = None,
 ) -> EvalResult:
     """Bits per byte of a model (a spec for `resolve_model`, or a module) on held-out text.
 
     See `held_out_stream` for `data` (None: `training_heldout(model)`); `max_tokens` scores only a prefix,
-    whose bytes are counted from its tokens. `tokenizer` is a module's (default GPT-2's); a spec brings its own.
+    whose bytes are counted from its tokens; `max_bytes` the longest prefix of whole tokens spelling at most
+    that many bytes (the same text for models with different tokenizers, to within a token). `tokenizer` is a
+    module's (default GPT-2's); a spec brings its own.
     """
     if data is None:
         data = training_heldout(model if isinstance(model, str) else None)
@@ -293,6 +296,12 @@ def evaluate_model(
         model, meta = resolve_model(model, device=device)
         tokenizer = tokenizer_from_meta(meta, model)
     tokens, nbytes, what = held_out_stream(data, split=split, tokenizer=tokenizer)
+    if max_bytes is not None:
+        lengths = np.array(
+            [len(tokenizer.token_bytes(int(t))) if int(t) != tokenizer.eot_token else 0 for t in tokens[1:]]
+        )
+        fits = int(np.searchsorted(np.cumsum(lengths), max_bytes, side="right"))
+        max_tokens = max(1, fits) if max_tokens is None else min(max_tokens, max(1, fits))
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and int(tokens.max()) >= vocab:
         raise EvaluationError(f"the text has token id {int(tokens.max())}, past the model's vocabulary of {vocab}")
@@ -464,6 +473,7 @@ def measure_model(
     context: int | None = None,
     stride: int | None = None,
     max_tokens: int | None = None,
+    max_bytes: int | None = None,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     skip_eval: bool = False,
@@ -479,7 +489,7 @@ def measure_model(
         gpt2: load pretrained GPT-2; when its weights cannot be loaded the result says why in `unavailable`
             instead of raising.
         prompts, params, seeds: the samples (no prompts: no samples); see `generate_samples`.
-        data, context, stride, max_tokens, batch_size: the held-out evaluation; see `evaluate_model`
+        data, context, stride, max_tokens, max_bytes, batch_size: the held-out evaluation; see `evaluate_model`
             (data None: the split a checkpoint was validated on, else the built-in corpus's).
         device: where the model runs.
         skip_eval: sample only.
@@ -512,7 +522,7 @@ def measure_model(
         data = training_heldout(spec if isinstance(spec, str) and not gpt2 else None)
     if not skip_eval:
         result.eval = evaluate_model(
-            model, data=data, context=context, stride=stride, max_tokens=max_tokens,
+            model, data=data, context=context, stride=stride, max_tokens=max_tokens, max_bytes=max_bytes,
             batch_size=batch_size, device=device, progress=progress, tokenizer=tokenizer,
         )  # fmt: skip
     if prompts:
@@ -541,6 +551,10 @@ def compare_models(
     results = []
     if custom is not None:
         results.append(measure_model("custom", custom, prompts=prompts, data=data, **options))
+        scored = results[0].eval
+        if options.get("max_tokens") is not None and scored is not None:
+            # GPT-2's tokens split the text elsewhere: score the bytes the custom model's first max_tokens spell
+            options = {**options, "max_tokens": None, "max_bytes": scored.bytes}
     if gpt2 is not None:
         results.append(measure_model("GPT-2", gpt2, gpt2=True, prompts=prompts, data=data, **options))
     return results

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from tinyllm.checkpoint import atomic_directory, load_checkpoint
 from tinyllm.errors import TinyLLMError
-from tinyllm.gpt2 import hf_config_dict, is_hf_gpt2_dir, to_hf_state_dict
+from tinyllm.gpt2 import hf_config_dict, to_hf_state_dict
 from tinyllm.tokenizer import Tokenizer, bytes_to_unicode, get_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -103,8 +103,9 @@ _EXPORT_FILES = {
 
 
 def _replaceable(path: Path) -> bool:
-    """An earlier export (or any GPT-2 directory) may be replaced; a directory with other files may not."""
-    return is_hf_gpt2_dir(path) or all(p.name in _EXPORT_FILES for p in path.iterdir())
+    """An earlier export may be replaced: a directory holding only files an export writes. Anything else (a
+    README, a .git, optimizer files beside a downloaded GPT-2) would be lost, so it is refused."""
+    return all(p.name in _EXPORT_FILES for p in path.iterdir())
 
 
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
@@ -130,8 +131,8 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     dtype = ckpt.model.transformer.wte.weight.dtype
     with atomic_directory(out, may_replace=_replaceable) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-        _write_json(tmp / "config.json", hf_config_dict(ckpt.config, dtype=dtype))
-        eot = hf_config_dict(ckpt.config)["eos_token_id"]
+        eot = tokenizer.eot_token  # not the vocabulary's last row: a padded vocabulary (e.g. 4160 rows) ends past it
+        _write_json(tmp / "config.json", hf_config_dict(ckpt.config, dtype=dtype, eot=eot))
         _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot})
         write_gpt2_tokenizer(tmp, model_max_length=ckpt.config.block_size, tokenizer=tokenizer)
     logger.info("exported %s to %s", ckpt.path, out)

@@ -80,9 +80,13 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> Mod
         raise CheckpointError(f"{source}: not a usable GPT-2 config ({type(exc).__name__}: {exc})") from exc
 
 
-def hf_config_dict(config: ModelConfig, *, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """A complete Hugging Face `config.json` (GPT2LMHeadModel) for a model of this shape."""
-    eot = GPT2_EOT_ID if config.vocab_size > GPT2_EOT_ID else config.vocab_size - 1
+def hf_config_dict(
+    config: ModelConfig, *, dtype: torch.dtype = torch.float32, eot: int | None = None
+) -> dict[str, Any]:
+    """A complete Hugging Face `config.json` (GPT2LMHeadModel) for a model of this shape; `eot` is the
+    tokenizer's end-of-text id (default: GPT-2's where the vocabulary holds it, else its last row)."""
+    if eot is None:
+        eot = GPT2_EOT_ID if config.vocab_size > GPT2_EOT_ID else config.vocab_size - 1
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",

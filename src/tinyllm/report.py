@@ -111,10 +111,11 @@ def plot_bits_per_byte(results: Sequence[ModelResults], path: str | Path) -> Pat
     fig = _figure((max(4.0, 1.6 * len(results) + 2), 4))
     ax = fig.subplots()
     names = [r.name for r in results]
-    values = [r.eval.bits_per_byte if r.eval else 0.0 for r in results]
+    finite = [r.eval is not None and math.isfinite(r.eval.bits_per_byte) for r in results]
+    values = [r.eval.bits_per_byte if ok and r.eval else 0.0 for r, ok in zip(results, finite, strict=True)]
     bars = ax.bar(names, values, color=[f"C{i}" for i in range(len(results))])
     for bar, r in zip(bars, results, strict=True):
-        label = f"{r.eval.bits_per_byte:.3f}" if r.eval else "unavailable"
+        label = f"{r.eval.bits_per_byte:.3f}" if r.eval else "unavailable"  # "nan" / "inf" for a broken model
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 3),
                     textcoords="offset points", ha="center", fontsize=9)  # fmt: skip
     ax.set_ylabel("bits per byte (lower is better)")
