@@ -125,3 +125,52 @@ def test_plain_httpx_seed_route_and_stream_disconnect(live: tuple[str, FastAPI])
             assert time.monotonic() < deadline, "slot still busy after the client left"
             time.sleep(0.01)
         assert 'tinyllm_active_slots{model="custom"} 0.0' in http.get("/metrics").text
+
+
+def test_a_stop_signal_under_load_answers_503_and_ends_streams_cleanly() -> None:
+    """SIGTERM with requests in flight: uvicorn drained connections while the engine worked through its queue,
+    then cancelled the handlers after 5 s (plain-text 500s, streams cut without [DONE])."""
+    import json
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tinyllm.server.app import GracefulServer
+
+    tokenizer = gpt2_tokenizer_or_skip()
+    port = _free_port()
+    settings = ServerSettings(port=port, checkpoint=None, gpt2=None, slots=1, max_queue=8)
+    app = create_app(settings, loaders=tiny_loaders(tokenizer), engine_factory=slow_engine(0.02))
+    server = GracefulServer(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=5)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    body = {"prompt": "Hello", "max_tokens": 60, "temperature": 0}
+
+    def plain() -> httpx.Response:
+        return httpx.post(url, json=body, timeout=30)
+
+    def streamed() -> list[str]:
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=30) as r:
+            return [line for line in r.iter_lines() if line]
+
+    with ThreadPoolExecutor(4) as pool:
+        stream = pool.submit(streamed)  # takes the one slot; the others queue
+        time.sleep(0.3)
+        queued = [pool.submit(plain) for _ in range(3)]
+        time.sleep(0.3)
+        started = time.monotonic()
+        server.handle_exit(signal.SIGTERM, None)
+        answers = [f.result() for f in queued]
+        lines = stream.result()
+    thread.join(10)
+    assert not thread.is_alive() and time.monotonic() - started < 4  # well inside the 5 s grace
+    for r in answers:
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.json()["error"]["code"] == "shutting_down"
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"

@@ -13,8 +13,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from types import FrameType
 
 import torch
+import uvicorn
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
@@ -119,8 +121,6 @@ def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
         settings: the server's configuration (host, port, models, limits).
         log_level: uvicorn's log level.
     """
-    import uvicorn
-
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.host not in _LOOPBACK and not settings.api_key:
@@ -130,7 +130,7 @@ def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
             settings.host,
         )
     logger.info("tinyllm server on http://%s:%d (docs at /docs)", settings.host, settings.port)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -138,3 +138,16 @@ def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
         access_log=False,  # RequestContextMiddleware writes one structured line per request
         timeout_graceful_shutdown=5,
     )
+    GracefulServer(config).run()
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, but a stop signal (SIGTERM, Ctrl-C) also ends the generations in flight at once:
+    uvicorn drains connections before the app's shutdown runs, so the engines would keep working through their
+    queues until its graceful-shutdown timeout cancelled the handlers (plain-text 500s, streams cut without
+    [DONE]). Each request now answers 503 "shutting down" (or ends its stream with that reason)."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        for worker in getattr(getattr(self.config.app, "state", None), "workers", {}).values():
+            worker.begin_shutdown()

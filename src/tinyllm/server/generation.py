@@ -81,6 +81,7 @@ class GenerationGroup:
         self._next_poll = self._start + _DISCONNECT_POLL_S
         self._finished = 0
         self._counting: asyncio.Task[None] | None = None
+        self._cancel_requested = False  # a "cancelled" finish we did not ask for is the server shutting down
 
     @property
     def done(self) -> bool:
@@ -98,6 +99,7 @@ class GenerationGroup:
 
     def cancel(self) -> None:
         """Cancel every unfinished request (idempotent)."""
+        self._cancel_requested = True
         for i, handle in enumerate(self._handles):
             if self.choices[i].finish_reason is None and not handle.done:
                 self.worker.cancel(handle)
@@ -189,6 +191,11 @@ class GenerationGroup:
         reason: str = event.finish_reason
         if reason == "cancelled" and index in self._timed_out:
             reason = "length"  # stopped by the deadline: cut short like a token limit
+        elif reason == "cancelled" and not self._cancel_requested:  # the worker's begin_shutdown
+            self.cancel()
+            raise UnavailableError(
+                "the server is shutting down; retry shortly", code="shutting_down", headers={"Retry-After": "5"}
+            )
         if reason == "error":
             self.cancel()
             logger.error("generation failed on model %s: %s", self.worker.name, result.error if result else "?")

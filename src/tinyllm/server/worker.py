@@ -91,6 +91,7 @@ class ModelWorker:
         self.state: WorkerState = "loading"
         self.error: str | None = None
         self._error_code = "model_unavailable"  # the code a 503 for this model carries
+        self.shutting_down = False
         self.loaded: LoadedModel | None = None
         self.engine: Engine | None = None
         self._loaded_event = threading.Event()
@@ -153,8 +154,20 @@ class ModelWorker:
     def ready(self) -> bool:
         return self.state == "ready"
 
+    def begin_shutdown(self) -> None:
+        """The server is stopping: refuse new requests and end those in flight now (their groups answer 503,
+        or end a stream with the reason), instead of working through the queue until the HTTP server's
+        graceful-shutdown timeout cancels the handlers mid-answer."""
+        self.shutting_down = True
+        if self.engine is not None:
+            self.engine.cancel_all()
+
     def require(self) -> tuple[Engine, LoadedModel]:
         """The engine and model, or a 503 that says why they are not there."""
+        if self.shutting_down:
+            raise UnavailableError(
+                "the server is shutting down; retry shortly", code="shutting_down", headers={"Retry-After": "5"}
+            )
         if self.state == "ready" and self.engine is not None and self.loaded is not None:
             return self.engine, self.loaded
         if self.state == "loading":
