@@ -28,6 +28,9 @@ def test_from_env_reads_the_five_variables() -> None:
     }
     s = ServerSettings.from_env(env)
     assert (s.host, s.port, s.api_key, s.checkpoint, s.gpt2) == ("0.0.0.0", 8080, "secret", "runs/x", None)
+    capacity = {"TINYLLM_SLOTS": "2", "TINYLLM_MAX_QUEUE": "5", "TINYLLM_REQUEST_TIMEOUT_S": "1.5"}
+    s = ServerSettings.from_env(capacity)  # settable without code (a soak test needed a custom launcher)
+    assert (s.slots, s.max_queue, s.request_timeout_s) == (2, 5, 1.5)
 
 
 def test_compile_is_on_from_the_environment_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,7 +83,15 @@ def test_from_env_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("env", "overrides"),
-    [({"TINYLLM_PORT": "http"}, {}), ({}, {"port": 70000}), ({}, {"slots": 0}), ({}, {"request_timeout_s": 0})],
+    [
+        ({"TINYLLM_PORT": "http"}, {}),
+        ({}, {"port": 70000}),
+        ({}, {"slots": 0}),
+        ({}, {"request_timeout_s": 0}),
+        ({"TINYLLM_SLOTS": "many"}, {}),
+        ({"TINYLLM_MAX_QUEUE": "0"}, {}),
+        ({"TINYLLM_REQUEST_TIMEOUT_S": "soon"}, {}),
+    ],
 )
 def test_bad_values_fail_clearly(env: dict[str, str], overrides: dict[str, object]) -> None:
     with pytest.raises(SettingsError):

@@ -2,7 +2,9 @@
 
 Besides cli.py this is the only place that reads the environment: TINYLLM_HOST, TINYLLM_PORT,
 TINYLLM_API_KEY, TINYLLM_CHECKPOINT, TINYLLM_GPT2 (set it to "", "0", "none" or "off" to disable GPT-2) and
-TINYLLM_COMPILE (on unless set to one of those: compile the batch-1 decode step in the background).
+TINYLLM_COMPILE (on unless set to one of those: compile the batch-1 decode step in the background), and the
+capacity: TINYLLM_SLOTS (sequences decoded together, 8), TINYLLM_MAX_QUEUE (requests waiting beyond them, 64;
+more get 429) and TINYLLM_REQUEST_TIMEOUT_S (300).
 """
 
 from __future__ import annotations
@@ -142,11 +144,16 @@ class ServerSettings:
         values: dict[str, Any] = {}
         if "TINYLLM_HOST" in env:
             values["host"] = env["TINYLLM_HOST"]
-        if "TINYLLM_PORT" in env:
-            try:
-                values["port"] = int(env["TINYLLM_PORT"])
-            except ValueError as exc:
-                raise SettingsError(f"TINYLLM_PORT must be an integer, got {env['TINYLLM_PORT']!r}") from exc
+        numbers = {"PORT": ("port", int), "SLOTS": ("slots", int), "MAX_QUEUE": ("max_queue", int)}
+        numbers["REQUEST_TIMEOUT_S"] = ("request_timeout_s", float)
+        for suffix, (name, kind) in numbers.items():
+            if f"TINYLLM_{suffix}" in env:
+                raw = env[f"TINYLLM_{suffix}"]
+                try:
+                    values[name] = kind(raw)
+                except ValueError as exc:
+                    what = "an integer" if kind is int else "a number"
+                    raise SettingsError(f"TINYLLM_{suffix} must be {what}, got {raw!r}") from exc
         if "TINYLLM_API_KEY" in env:
             values["api_key"] = env["TINYLLM_API_KEY"] or None
         if "TINYLLM_CHECKPOINT" in env:
