@@ -99,6 +99,12 @@ def test_files_of_one_name_from_different_folders_are_different_documents(tinyll
         (tmp_path / version / "data" / "x.txt").write_text(f"{version} " * 50)
     ids = [f.doc_id for f in data_mod.resolve_sources([tmp_path / "v1" / "data", tmp_path / "v2" / "data"])]
     assert ids == ["v1/data/x.txt", "v2/data/x.txt"]
+    # a renamed id that meets another file's ("b/a.txt" twice here) falls back to absolute paths
+    for path in ("r/b/a.txt", "x/a.txt", "x/b/a.txt"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("words " * 20)
+    files = data_mod.resolve_sources([tmp_path / "r" / "b", tmp_path / "x" / "a.txt", tmp_path / "x" / "b" / "a.txt"])
+    assert len({f.doc_id for f in files}) == 3
 
 
 def test_the_pipeline_writes_every_piece_in_order(tinyllm_home, gpt2_tokenizer, corpus, monkeypatch):

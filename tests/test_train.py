@@ -523,6 +523,31 @@ def test_a_run_of_another_recipe_is_not_replaced_without_overwrite(tmp_path, cor
     assert meta["train_config"]["data"] == [str(other)]  # evaluating it from elsewhere finds the same data
 
 
+def test_the_recipe_guard_also_covers_a_run_with_only_best_and_gpt2_names_stay_names(tmp_path, corpus, monkeypatch):
+    """Review findings: a directory holding only best/ (what the Docker build leaves) was replaced unguarded; a
+    folder named gpt2 in the working directory turned --from gpt2 into a local path."""
+    first = train(tiny(tmp_path, corpus, max_steps=4), progress=False)
+    shutil.rmtree(first.last_checkpoint)
+    other = tmp_path / "other.txt"
+    other.write_text("Other words entirely, for another recipe. " * 200)
+    with pytest.raises(TrainError, match="holds a run of another recipe"):
+        train(tiny(tmp_path, corpus, data=(str(other),), max_steps=1), progress=False)
+    assert (tmp_path / "run" / "best").exists()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()
+    assert train_mod._absolute_init("gpt2") == "gpt2" and train_mod._absolute_init("run") == str(tmp_path / "run")
+
+
+def test_tinyllm_run_stopped_while_training_does_not_serve(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from tinyllm.server import app as server_app
+
+    monkeypatch.setattr(train_mod, "train_default", lambda **kw: SimpleNamespace(stopped_by="interrupted"))
+    monkeypatch.setattr(server_app, "serve", lambda *a, **kw: pytest.fail("served a half-trained model"))
+    assert main(["run", "--run-dir", str(tmp_path / "r"), "--minutes", "1"]) == 130
+
+
 def test_resume_needs_a_matching_checkpoint(tmp_path, corpus):
     with pytest.raises(TrainError, match="cannot resume: no checkpoint at .*last"):
         train(tiny(tmp_path, corpus, resume=True), progress=False)

@@ -437,7 +437,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from tinyllm.train import train_default
 
         logger.info("no checkpoint in %s: training the default model for %g minutes", run_dir, args.minutes)
-        train_default(minutes=args.minutes, run_dir=run_dir)
+        result = train_default(minutes=args.minutes, run_dir=run_dir)
+        if result.stopped_by == "interrupted":  # stopped by Ctrl-C / SIGTERM: don't serve a half-trained model
+            logger.warning("training stopped early: `tinyllm train --run-dir %s --resume` finishes it", run_dir)
+            return 130
         checkpoint = find_checkpoint(run_dir)
     else:
         logger.info("serving the existing checkpoint %s (delete %s to train again)", checkpoint, run_dir)

@@ -116,6 +116,9 @@ def _distinct_ids(files: list[SourceFile]) -> list[SourceFile]:
         common = Path(os.path.commonpath(paths))
         for i, path in zip(same, paths, strict=True):
             out[i] = SourceFile(files[i].path, path.relative_to(common).as_posix())
+    ids = [f.doc_id for f in out]
+    if len(set(ids)) < len(ids):  # a renamed id met another file's: the absolute paths are distinct
+        out = [SourceFile(f.path, f.path.resolve().as_posix()) if ids.count(f.doc_id) > 1 else f for f in out]
     return out
 
 

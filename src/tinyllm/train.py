@@ -427,8 +427,8 @@ class _Run:
         """A fresh run where a run of another recipe (other data, model or starting point) left its checkpoints
         would replace a trained model (e.g. `tinyllm train --data notes/` over `make run`'s runs/default): an
         error unless `overwrite`. The same recipe again (`python train.py` twice) replaces it, with a warning."""
-        last = self.run_dir / "last"
-        if resume_from is not None or self.cfg.overwrite or not is_checkpoint(last):
+        last = next((self.run_dir / n for n in ("last", "best") if is_checkpoint(self.run_dir / n)), None)
+        if resume_from is not None or self.cfg.overwrite or last is None:
             return
         try:
             config, meta = read_config(last), read_meta(last)
@@ -438,7 +438,7 @@ class _Run:
         differs = []
         if meta.get("data_hash") != self.data_hash():
             differs.append(f"data {', '.join(saved.get('data') or ['shakespeare'])}")
-        if saved.get("init_from") != self.cfg.init_from:
+        if _absolute_init(saved.get("init_from")) != self.cfg.init_from:  # (older runs recorded it as typed)
             differs.append(f"started from {saved.get('init_from') or 'scratch'}")
         if self.cfg.init_from is None and config != self._model_config():
             differs.append(f"a {config.n_layer}-layer, {config.n_embd}-wide model")
@@ -1011,8 +1011,10 @@ def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
 
 def _absolute_init(init_from: str | None) -> str | None:
     """A local checkpoint or directory as an absolute path; "gpt2" names and hub ids as they are."""
-    if init_from is None or not Path(init_from).expanduser().exists():
-        return init_from
+    from tinyllm.checkpoint import GPT2_NAMES
+
+    if init_from is None or init_from in GPT2_NAMES or not Path(init_from).expanduser().exists():
+        return init_from  # "gpt2" means the hub's even beside a folder of that name (as resolve_model reads it)
     return os.path.abspath(os.path.expanduser(init_from))
 
 

@@ -191,10 +191,15 @@ class GenerationGroup:
         reason: str = event.finish_reason
         if reason == "cancelled" and index in self._timed_out:
             reason = "length"  # stopped by the deadline: cut short like a token limit
-        elif reason == "cancelled" and not self._cancel_requested:  # the worker's begin_shutdown
+        elif reason == "cancelled" and not self._cancel_requested:  # the worker cancelled it
             self.cancel()
-            raise UnavailableError(
-                "the server is shutting down; retry shortly", code="shutting_down", headers={"Retry-After": "5"}
+            if self.worker.shutting_down:
+                raise UnavailableError(
+                    "the server is shutting down; retry shortly", code="shutting_down", headers={"Retry-After": "5"}
+                )
+            raise UnavailableError(  # its engine loop stopped: the model is gone, retrying will not help
+                f"model {self.worker.name!r} stopped: {self.worker.error or 'see the server log'}",
+                code="model_unavailable",
             )
         if reason == "error":
             self.cancel()
