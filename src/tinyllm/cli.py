@@ -555,13 +555,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tinyllm.server import ServerSettings, serve
 
     overrides: dict = {"host": args.host, "port": args.port}  # None: from $TINYLLM_* or the default
-    off = {"none", "off"}  # as TINYLLM_CHECKPOINT / TINYLLM_GPT2 take them: serve without that model
+    from tinyllm.server.settings import optional_source  # "none"/"off" as the environment variables take them
+
     if args.checkpoint is not None:
-        overrides["checkpoint"] = None if args.checkpoint.lower() in off else args.checkpoint
-    if args.no_gpt2 or (args.gpt2 or "").lower() in off:
+        overrides["checkpoint"] = optional_source(args.checkpoint)
+    if args.no_gpt2:
         overrides["gpt2"] = None
     elif args.gpt2 is not None:
-        overrides["gpt2"] = args.gpt2
+        overrides["gpt2"] = optional_source(args.gpt2)
     if args.api_key is not None:
         overrides["api_key"] = args.api_key
     if args.no_compile:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tinyllm.checkpoint import (
+    GPT2_NAMES,
     capture_rng_state,
     checkpoint_tokenizer,
     is_checkpoint,
@@ -325,7 +326,7 @@ class _Run:
         self.last_eval_time = 0.0  # elapsed seconds at the last evaluation
         self.eval_due = False
         self.stop_signal: int | None = None  # SIGINT/SIGTERM received: stop at the next step boundary
-        self.diverged: float | None = None  # a non-finite training loss
+        self.diverged = False  # a training loss was not finite
         self.train_loss: float | None = None
         self.records: list[dict[str, Any]] = []
         self.step_time = 0.0  # EMA of one optimizer step, for stopping before the time budget
@@ -768,7 +769,7 @@ class _Run:
                     break
                 started = time.perf_counter()
                 self._step(self.lr(elapsed), bar)
-                if self.dist.broadcast([self.diverged is not None])[0]:  # rank 0's loss: every rank stops
+                if self.dist.broadcast([self.diverged])[0]:  # rank 0's loss decides: every rank stops together
                     raise TrainError(
                         f"training diverged at step {self.step} (the loss is not finite); nothing was saved "
                         f"from it: lower --lr (now {self.cfg.lr:g}) or raise --warmup-steps"
@@ -819,8 +820,7 @@ class _Run:
         self.session_tokens += self.tokens_per_step
         total, steps, start = self._window
         value = loss.item()
-        if not math.isfinite(value):
-            self.diverged = value
+        self.diverged = self.diverged or not math.isfinite(value)
         total, steps = total + value, steps + 1
         self._window = (total, steps, start)
         if self.step % cfg.log_interval:
@@ -1011,8 +1011,6 @@ def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
 
 def _absolute_init(init_from: str | None) -> str | None:
     """A local checkpoint or directory as an absolute path; "gpt2" names and hub ids as they are."""
-    from tinyllm.checkpoint import GPT2_NAMES
-
     if init_from is None or init_from in GPT2_NAMES or not Path(init_from).expanduser().exists():
         return init_from  # "gpt2" means the hub's even beside a folder of that name (as resolve_model reads it)
     return os.path.abspath(os.path.expanduser(init_from))

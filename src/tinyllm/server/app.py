@@ -100,16 +100,16 @@ def create_app(
     app.state.tokenizer = tokenizer
     app.state.started = int(time.time())
     install_error_handlers(app)
-    app.include_router(routes_seed.router)
-    app.include_router(routes_openai.router)
-    app.include_router(routes_ops.router)
+    routes = []
+    for module in (routes_seed, routes_openai, routes_ops):
+        app.include_router(module.router)
+        routes += module.router.routes  # for the metrics of requests answered before routing
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # add_middleware wraps the app so far: the last added runs first.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    routes = [*routes_seed.router.routes, *routes_openai.router.routes, *routes_ops.router.routes]
     app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes)
     return app
 

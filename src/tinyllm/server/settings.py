@@ -157,13 +157,14 @@ class ServerSettings:
         if "TINYLLM_API_KEY" in env:
             values["api_key"] = env["TINYLLM_API_KEY"] or None
         if "TINYLLM_CHECKPOINT" in env:
-            values["checkpoint"] = _optional(env["TINYLLM_CHECKPOINT"])
+            values["checkpoint"] = optional_source(env["TINYLLM_CHECKPOINT"])
         if "TINYLLM_GPT2" in env:
-            values["gpt2"] = _optional(env["TINYLLM_GPT2"])
+            values["gpt2"] = optional_source(env["TINYLLM_GPT2"])
         values["compile"] = env.get("TINYLLM_COMPILE", "on").strip().lower() not in _OFF
         values.update({k: v for k, v in overrides.items() if v is not None or k in _NULLABLE})
         return cls(**values)
 
 
-def _optional(value: str) -> str | None:
+def optional_source(value: str) -> str | None:
+    """A model source as given, or None for the words that switch it off ("", "0", "none", "off", ...)."""
     return None if value.strip().lower() in _OFF else value
