@@ -111,3 +111,54 @@ def test_torchrun_trains_with_ddp_over_nccl(tmp_path, corpus, tinyllm_home):
     assert ckpt.meta["step"] == 4 and ckpt.meta["tokens_seen"] == 4 * 2 * 16 * nproc
     _, state = load_train_state(run / "last")
     assert state["world_size"] == nproc
+
+
+def test_float16_with_a_grad_scaler_learns_on_cuda(tmp_path, corpus):
+    """The path of GPUs without bf16 (a T4, a V100): fp16 autocast and a GradScaler, whose state is saved."""
+    result = train(tiny_run(tmp_path, corpus, "fp16", dtype="float16"), progress=False)
+    losses = [r["val_loss"] for r in evals(tmp_path / "fp16")]
+    assert losses[-1] < losses[0] - 1.5
+    _, state = load_train_state(result.last_checkpoint)
+    assert state["scaler"]["scale"] > 0 and state["scaler"]["_growth_tracker"] > 0  # steps that did not overflow
+
+
+def test_the_server_decodes_on_the_gpu_and_a_request_in_a_busy_batch_equals_it_alone(tmp_path, tinyllm_home):
+    """`ServerSettings.device` "auto" puts a checkpoint on the GPU; four requests held until all are queued
+    decode in one batch there, each as it decodes alone."""
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+    from server_helpers import held_engine
+
+    from tinyllm.checkpoint import save_checkpoint
+    from tinyllm.server import ServerSettings, create_app
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt", model=GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)))
+    settings = ServerSettings(checkpoint=str(tmp_path / "ckpt"), gpt2=None, slots=4, load_wait_s=60)
+    gate = threading.Event()
+    body = [{"model": "custom", "prompt": f"number {i} " * (i + 1), "max_tokens": 10, "temperature": 0.8, "seed": i}
+            for i in range(4)]  # fmt: skip
+    with TestClient(create_app(settings, engine_factory=held_engine(gate))) as client:
+        model = client.get("/ready").json()["models"]["custom"]
+        assert (model["state"], model["device"]) == ("ready", "cuda:0")
+        worker = client.app.state.workers["custom"]
+        out: list = [None] * 4
+
+        def send(i: int) -> None:
+            out[i] = client.post("/v1/completions", json=body[i]).json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while worker.queue_depth < 4:
+            assert time.monotonic() < deadline, "the requests did not queue"
+            time.sleep(0.01)
+        gate.set()
+        for t in threads:
+            t.join(30)
+        alone = [client.post("/v1/completions", json=b).json()["choices"][0]["text"] for b in body]
+        assert out == alone and all(alone)
+        assert client.post("/generate/custom", json={"prompt": "Hello"}).json()["generated_text"].startswith("Hello")

@@ -289,6 +289,7 @@ def test_health_ready_and_request_id(client: TestClient) -> None:
     assert ready.status_code == 200
     assert {m["state"] for m in ready.json()["models"].values()} == {"ready"}
     assert {m["decode"] for m in ready.json()["models"].values()} == {"eager"}  # settings built in code: no compile
+    assert {m["device"] for m in ready.json()["models"].values()} == {"cpu"}  # where the test's models live
 
 
 def test_metrics_count_requests_and_tokens(client: TestClient) -> None:

@@ -122,3 +122,36 @@ def test_cli_serve_builds_settings_from_flags_and_env(monkeypatch: pytest.Monkey
     assert (second.host, second.port, second.gpt2, second.api_key) == ("127.0.0.1", 7000, "/models/gpt2", "flag")
     assert cli.main(["serve", "--checkpoint", "none", "--gpt2", "off"]) == 0  # as the environment variables take it
     assert (seen[2].checkpoint, seen[2].gpt2) == (None, None)
+
+
+def test_the_device_is_a_gpu_when_there_is_one_and_a_bad_one_fails_before_loading(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server used to decode on the CPU whatever the machine had, with no way to choose from the CLI."""
+    import torch
+
+    from tinyllm import cli
+    from tinyllm.server import app
+
+    monkeypatch.delenv("TINYLLM_DEVICE", raising=False)
+    assert ServerSettings().device == "auto" and ServerSettings.from_env({"TINYLLM_DEVICE": ""}).device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert str(ServerSettings().resolved_device()) == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert str(ServerSettings().resolved_device()) == "cpu"  # MPS only when asked for
+    assert str(ServerSettings.from_env({"TINYLLM_DEVICE": "mps"}).resolved_device()) == "mps"
+    with pytest.raises(SettingsError, match="device cuda requested but CUDA is not available here"):
+        ServerSettings.from_env({"TINYLLM_DEVICE": "cuda"})
+    with pytest.raises(SettingsError, match="unknown device 'gpu'"):
+        ServerSettings(device="gpu")
+
+    seen: list[ServerSettings] = []
+    monkeypatch.setattr(app, "serve", lambda settings: seen.append(settings))
+    assert cli.main(["serve", "--device", "cpu", "--no-gpt2"]) == 0 and seen[0].device == "cpu"
+    assert cli.main(["serve", "--device", "cuda:0", "--no-gpt2"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    monkeypatch.setenv("TINYLLM_DEVICE", "nonsense")
+    assert cli.main(["run", "--run-dir", "/nonexistent/run", "--minutes", "1"]) == 2  # before training, not after
+    assert "unknown device 'nonsense'" in capsys.readouterr().err
+    assert len(seen) == 1

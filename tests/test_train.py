@@ -134,9 +134,10 @@ def test_loss_falls_and_the_run_writes_metrics_plot_and_checkpoints(tmp_path, co
     assert load_train_state(result.best_checkpoint) == (None, None)  # best is for inference only
 
 
-@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
-def test_resume_continues_exactly_where_the_run_was_interrupted(tmp_path, corpus, monkeypatch, optimizer):
-    """8 steps straight == 4 steps, the checkpoint at step 4, resume, 4 more: identical weights."""
+@pytest.mark.parametrize(("optimizer", "dtype"), [("muon", "float32"), ("adamw", "float32"), ("muon", "float16")])
+def test_resume_continues_exactly_where_the_run_was_interrupted(tmp_path, corpus, monkeypatch, optimizer, dtype):
+    """8 steps straight == 4 steps, the checkpoint at step 4, resume, 4 more: identical weights. float16 is the
+    path of GPUs without bf16 (a T4, a V100): a GradScaler, whose scale and growth count resume too."""
     snapshot = tmp_path / "snapshot"
     real_save = train_mod.save_checkpoint
 
@@ -147,12 +148,14 @@ def test_resume_continues_exactly_where_the_run_was_interrupted(tmp_path, corpus
         return out
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save_and_snapshot)
-    straight = train(tiny(tmp_path, corpus, optimizer=optimizer), progress=False)
+    straight = train(tiny(tmp_path, corpus, optimizer=optimizer, dtype=dtype), progress=False)
     assert snapshot.exists()
 
     (tmp_path / "resumed").mkdir()
     shutil.copytree(snapshot, tmp_path / "resumed" / "last")
-    resumed_config = tiny(tmp_path, corpus, run_dir=str(tmp_path / "resumed"), resume=True, optimizer=optimizer)
+    resumed_config = tiny(
+        tmp_path, corpus, run_dir=str(tmp_path / "resumed"), resume=True, optimizer=optimizer, dtype=dtype
+    )
     resumed = train(resumed_config, progress=False)
     assert resumed.steps == straight.steps == 8 and resumed.tokens == straight.tokens
     a, b = weights(straight.last_checkpoint), weights(resumed.last_checkpoint)
@@ -160,6 +163,12 @@ def test_resume_continues_exactly_where_the_run_was_interrupted(tmp_path, corpus
     assert resumed.val_loss == straight.val_loss
     steps = [r["step"] for r in records(tmp_path / "resumed") if r["event"] == "train"]
     assert steps == [5, 6, 7, 8]
+    scalers = [load_train_state(p)[1]["scaler"] for p in (snapshot, straight.last_checkpoint, resumed.last_checkpoint)]
+    if dtype == "float32":
+        assert scalers == [None] * 3
+    else:  # saved at step 4, and the resumed run's at step 8 is the straight run's
+        assert scalers[0]["scale"] > 0 and scalers[1] == scalers[2]
+        assert scalers[2]["_growth_tracker"] == scalers[0]["_growth_tracker"] + 4  # 4 more steps, none overflowed
 
 
 def _signal_at(monkeypatch, step: int, signum: int) -> None:

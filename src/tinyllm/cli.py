@@ -305,8 +305,8 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_kwargs(args: argparse.Namespace) -> dict:
+    from tinyllm.devices import detect_device
     from tinyllm.server.settings import SamplingDefaults
-    from tinyllm.train import detect_device
 
     if args.report:  # before the evaluation, not after it
         try:
@@ -430,8 +430,10 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from tinyllm.checkpoint import find_checkpoint
+    from tinyllm.server import ServerSettings, serve
 
     run_dir = Path(args.run_dir)
+    settings = ServerSettings.from_env(host=args.host, port=args.port, checkpoint=str(run_dir))  # checked first
     checkpoint = find_checkpoint(run_dir)
     if checkpoint is None:
         from tinyllm.train import train_default
@@ -444,9 +446,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         checkpoint = find_checkpoint(run_dir)
     else:
         logger.info("serving the existing checkpoint %s (delete %s to train again)", checkpoint, run_dir)
-    from tinyllm.server import ServerSettings, serve
-
-    serve(ServerSettings.from_env(host=args.host, port=args.port, checkpoint=str(run_dir)))
+    serve(settings)
     return 0
 
 
@@ -482,7 +482,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop or ()),
         ignore_eos=args.ignore_eos,
     )  # validated before the model loads
-    from tinyllm.train import detect_device
+    from tinyllm.devices import detect_device
 
     model, meta = resolve_model(args.model, device=detect_device(args.device))
     prepare_for_inference(model, dtype=args.dtype, quantize=args.quantize)
@@ -567,6 +567,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         overrides["api_key"] = args.api_key
     if args.no_compile:
         overrides["compile"] = False
+    overrides["device"] = args.device
     serve(ServerSettings.from_env(**overrides))
     return 0
 
@@ -590,6 +591,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     gpt2.add_argument("--no-gpt2", action="store_true", help="serve without GPT-2")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (prefer $TINYLLM_API_KEY)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="auto (a CUDA GPU if any, else cpu), cpu, cuda, cuda:N or mps (default auto, or $TINYLLM_DEVICE)",
+    )
     p.add_argument(
         "--no-compile",
         action="store_true",

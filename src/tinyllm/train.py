@@ -55,6 +55,7 @@ from tinyllm.checkpoint import (
 from tinyllm.config import FINETUNE_DEFAULTS, MAX_AUTO_PROCESSES, ModelConfig, TrainConfig
 from tinyllm.corpus import absolute_sources
 from tinyllm.data import BatchSampler, prepare, tokenizer_for
+from tinyllm.devices import detect_device
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
 from tinyllm.optim import configure_optimizer, lr_at
@@ -116,25 +117,6 @@ def finetune_config(*, init_from: str, data: Sequence[str | Path], **overrides: 
     if not data:
         raise TrainError("fine-tuning needs data: pass files, folders, globs or 'shakespeare'")
     return train_config(**{**FINETUNE_DEFAULTS, **overrides, "init_from": init_from, "data": tuple(map(str, data))})
-
-
-def detect_device(requested: str = "auto") -> torch.device:
-    """`requested`, or with "auto" the best available: cuda > mps > cpu."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise TrainError(f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError("device cuda requested but CUDA is not available here; use --device auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise TrainError("device mps requested but MPS is not available here; use --device auto or cpu")
-    return device
 
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from tinyllm.errors import TinyLLMError
 
 if TYPE_CHECKING:
+    import torch
+
     from tinyllm.sampling import SamplingParams
 
 DEFAULT_GPT2_SOURCE = "openai-community/gpt2"
@@ -71,7 +73,8 @@ class ServerSettings:
         max_body_bytes: largest request body; larger ones get 413.
         request_timeout_s: deadline of one generation; see `tinyllm.server.generation` for what happens at it.
         max_new_tokens_cap: the most new tokens one request may ask for.
-        device: torch device for the models ("cpu", "cuda", ...).
+        device: torch device for the models: "auto" (a CUDA GPU when there is one, else the CPU; Apple's MPS
+            only when asked for, as the serving path is untested there), "cpu", "cuda", "cuda:N" or "mps".
         load_wait_s: how long startup waits for the models; slower ones keep loading in the background
             (their routes answer 503 "loading" meanwhile).
         torch_threads: torch's intra-op threads while serving. None: one fewer than the CPU cores (at least
@@ -96,7 +99,7 @@ class ServerSettings:
     max_body_bytes: int = 1_000_000
     request_timeout_s: float = 300.0
     max_new_tokens_cap: int = 1024
-    device: str = "cpu"
+    device: str = "auto"
     load_wait_s: float = 5.0
     torch_threads: int | None = None
     compile: bool = False
@@ -114,6 +117,16 @@ class ServerSettings:
             raise SettingsError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if self.api_key == "":
             object.__setattr__(self, "api_key", None)
+        self.resolved_device()  # an unknown device, or one this machine lacks: an error now, not at load
+
+    def resolved_device(self) -> torch.device:
+        """The device the models load on (`device` with "auto" resolved)."""
+        from tinyllm.devices import DeviceError, detect_device
+
+        try:
+            return detect_device(self.device, prefer=("cuda",))
+        except DeviceError as exc:
+            raise SettingsError(str(exc)) from None
 
     def resolved_torch_threads(self) -> int | None:
         """The intra-op thread count to set, or None to leave torch alone."""
@@ -158,6 +171,8 @@ class ServerSettings:
             values["api_key"] = env["TINYLLM_API_KEY"] or None
         if "TINYLLM_CHECKPOINT" in env:
             values["checkpoint"] = optional_source(env["TINYLLM_CHECKPOINT"])
+        if "TINYLLM_DEVICE" in env:
+            values["device"] = env["TINYLLM_DEVICE"].strip() or "auto"
         if "TINYLLM_GPT2" in env:
             values["gpt2"] = optional_source(env["TINYLLM_GPT2"])
         values["compile"] = env.get("TINYLLM_COMPILE", "on").strip().lower() not in _OFF

@@ -220,6 +220,7 @@ class ModelWorker:
                 slots=self.engine.max_batch_size,
                 max_queue=self.engine.max_queue,
                 source=str(self.loaded.meta.get("source", "")) or None,
+                device=str(self.engine.device),
                 decode="compiled" if self.engine.compiled else "eager",  # a lone request's decode step
                 decode_step=self.engine.decode_step,  # which: "c", "inductor" or "eager"
             )
@@ -259,7 +260,8 @@ class _Mailbox:
 
 def _describe(loaded: LoadedModel) -> str:
     c = loaded.model.config
-    return f"{loaded.model.num_params() / 1e6:.1f}M parameters, {c.n_layer} layers, context {c.block_size}"
+    device = next(loaded.model.parameters()).device
+    return f"{loaded.model.num_params() / 1e6:.1f}M parameters, {c.n_layer} layers, context {c.block_size}, on {device}"
 
 
 # --- default loaders --------------------------------------------------------------------------------------------
@@ -322,11 +324,12 @@ def disabled_loader(name: str, how_to_enable: str) -> Loader:
 
 def default_loaders(settings: ServerSettings) -> Mapping[str, Loader]:
     """The two models the server offers: "custom" (your checkpoint) and "gpt2" (pretrained)."""
+    device = str(settings.resolved_device())
     return {
-        "custom": custom_loader(settings.checkpoint, device=settings.device)
+        "custom": custom_loader(settings.checkpoint, device=device)
         if settings.checkpoint
         else disabled_loader("custom", "start it with --checkpoint DIR"),
-        "gpt2": gpt2_loader(settings.gpt2, device=settings.device)
+        "gpt2": gpt2_loader(settings.gpt2, device=device)
         if settings.gpt2
         else disabled_loader("gpt2", "start it without --no-gpt2 (or set TINYLLM_GPT2 to a hub id or directory)"),
     }
