@@ -31,6 +31,7 @@ from tinyllm.quantize import (
     huge_page_copy,
     huge_page_zeros,
     onednn_available,
+    onednn_rows,
     pack_for_batches,
     prepare_for_inference,
 )
@@ -162,6 +163,27 @@ def test_packed_weights_give_the_plain_weights_results_for_several_rows(seed_mod
     alone = [generate(fast, [p], GREEDY, eos_token_id=None)[0] for p in PROMPTS]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert [r.token_ids for r in together] == generate_naive(seed_model, PROMPTS, GREEDY, eos_token_id=None)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="needs oneDNN (CPU builds with mkldnn)")
+def test_prefill_gemms_run_at_a_bounded_set_of_sizes_with_unchanged_results() -> None:
+    """oneDNN keeps memory for every GEMM shape it has run: a server fed every prompt length grew by ~6 MB a
+    length (GPT-2-124M). Large GEMMs are padded to a few sizes; the padding changes no result."""
+    sizes = [onednn_rows(r) for r in range(1, 8193)]
+    assert sizes[:16] == list(range(1, 17))  # decode steps (one row per sequence) run as they are
+    assert all(r <= s < r * 1.125 for r, s in enumerate(sizes, start=1))
+    assert len(set(sizes)) == 16 + 8 * 9  # 8 sizes per octave from 17 to 8192
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80)
+    fast = OneDNNLinear(linear)
+    with torch.inference_mode():
+        for rows in (17, 100, 257):
+            x = torch.randn(rows, 96)
+            padded = torch.cat([x, torch.zeros(onednn_rows(rows) - rows, 96)])
+            unpadded = torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "none", [], "")
+            assert torch.equal(fast(x), unpadded) and torch.equal(fast(x.view(1, rows, 96))[0], unpadded)
+            assert torch.equal(fast(x), fast(padded)[:rows])
+            torch.testing.assert_close(fast(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("dtype", "quantize"), [("bfloat16", None), ("float32", "int8"), ("float32", "int8-dynamic")])
