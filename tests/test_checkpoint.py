@@ -124,6 +124,27 @@ def test_atomic_overwrite_leaves_no_temp_dirs(model: GPT, tmp_path: Path) -> Non
     assert not (path / "optimizer.safetensors").exists()  # the new checkpoint replaced the old one whole
 
 
+def test_a_save_removes_what_a_killed_save_left_behind(model: GPT, tmp_path: Path) -> None:
+    """A save killed with SIGKILL leaves `.last.tmp-*` (or `.last.old-*`, with the previous checkpoint)
+    beside the run; they used to stay forever. The next good save removes those an hour old; a writer
+    still at work (recent) and other names stay."""
+    import os
+    import time
+
+    stale = [tmp_path / ".last.tmp-abc123", tmp_path / ".last.old-1234abcd"]
+    for d in stale:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half written")
+        os.utime(d, (time.time() - 7200, time.time() - 7200))
+    recent, other = tmp_path / ".last.tmp-busy", tmp_path / ".best.tmp-old"
+    for d in (recent, other):
+        d.mkdir()
+    os.utime(other, (time.time() - 7200, time.time() - 7200))
+    save_checkpoint(tmp_path / "last", model=model, meta={"step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".best.tmp-old", ".last.tmp-busy", "last"]
+    assert load_checkpoint(tmp_path / "last").meta["step"] == 1
+
+
 def test_checkpoint_files_are_readable_as_the_umask_allows(model: GPT, tmp_path: Path) -> None:
     """safetensors creates its files owner-only: other users (a server's account, a shared machine) could not
     read the weights of a checkpoint or an export."""

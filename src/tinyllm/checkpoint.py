@@ -17,6 +17,7 @@ next to the target, fsynced, then renamed over it); loads are strict and fail wi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -25,6 +26,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -310,9 +312,27 @@ def atomic_directory(target: str | Path, *, may_replace: Callable[[Path], bool] 
         else:
             os.rename(tmp, target)
         _fsync(target.parent)
+        _remove_leftovers(target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+LEFTOVER_AGE_S = 3600.0
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Remove the temp and old copies of `target` that a killed writer (kill -9, power loss) left beside it.
+
+    Only once `target` itself is in place, and only those untouched for `LEFTOVER_AGE_S`, so a writer still
+    at work on the same target (another process) keeps its own."""
+    cutoff = time.time() - LEFTOVER_AGE_S
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for path in target.parent.glob(pattern):
+            with contextlib.suppress(OSError):
+                if path.is_dir() and not path.is_symlink() and path.stat().st_mtime < cutoff:
+                    shutil.rmtree(path, ignore_errors=True)
+                    logger.info("removed %s, left by an interrupted save", path)
 
 
 @functools.cache
