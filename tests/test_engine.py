@@ -184,6 +184,10 @@ def test_prefill_gemms_run_at_a_bounded_set_of_sizes_with_unchanged_results() ->
             assert torch.equal(fast(x), unpadded) and torch.equal(fast(x.view(1, rows, 96))[0], unpadded)
             assert torch.equal(fast(x), fast(padded)[:rows])
             torch.testing.assert_close(fast(x), linear(x), rtol=1e-5, atol=1e-5)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            fast(torch.randn(2, 50, 96))
+    gemms = [e.input_shapes[0] for e in prof.events() if e.name == "mkldnn::_linear_pointwise"]
+    assert gemms == [[onednn_rows(100), 96]] == [[104, 96]]  # oneDNN saw the padded size, not 100 rows
 
 
 @pytest.mark.parametrize(("dtype", "quantize"), [("bfloat16", None), ("float32", "int8"), ("float32", "int8-dynamic")])

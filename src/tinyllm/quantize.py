@@ -51,7 +51,8 @@ class InferenceOptionError(TinyLLMError):
 # oneDNN builds and keeps a primitive per GEMM shape, with memory that stays with the process (measured on
 # GPT-2-124M: ~6 MB a prompt length, +700 MB of RSS after 112 lengths; a server sees every length). GEMMs of
 # more rows than this are padded with zero rows to one of 8 sizes per octave (under 12.5% more rows), so the
-# shapes stay a small set: +185 MB over the same lengths, prefill ~6% slower (MKL's GEMM: +85 MB, ~12%).
+# shapes stay a small set: +190 MB over the same lengths, prefill ~5% slower (MKL's GEMM: +85 MB, ~12%;
+# benchmarks/bench_prefill_memory.py).
 ONEDNN_EXACT_ROWS = 16
 
 
