@@ -10,11 +10,14 @@ order rotates every round: the version run first after the bandwidth sample meas
 
     .venv/bin/python benchmarks/ab_decode_step.py --variant old=/tmp/old.c --rounds 200             # kernel only
     .venv/bin/python benchmarks/ab_decode_step.py --variant old=/tmp/old.c --rounds 100 --engine    # through the engine
+    .venv/bin/python benchmarks/ab_decode_step.py --engine --burst one=0 --rounds 100   # engine: bursts vs none
 
 The current source is always the first version ("current"); `--variant NAME=FILE.c` adds others (e.g. `git show
 REV:src/tinyllm/csrc/decode_step.c > /tmp/old.c`). Kernel only: the median of 15 steps at position 101. Engine:
 a 128-token greedy generation from a 16-token prompt through `Engine(compile="c")`. Each version must keep the
 C function's signature and the scratch layout's size (16 + 32 T + 9 C + T (C + S) floats; more is given).
+`--burst NAME=SECONDS` (engine only) adds the current source run with that `Engine.burst_s` (0: one token per
+call of the C step; the others run with the default).
 """
 
 from __future__ import annotations
@@ -43,14 +46,19 @@ FAST_GBPS = 45.0  # between this VM's two states
 MAX_SPREAD = 0.08  # rounds whose two bandwidth samples differ by more are dropped
 
 
-def build(name: str, source: Path, out_dir: Path):  # noqa: ANN201 (a ctypes function)
+def build(name: str, source: Path, out_dir: Path):  # noqa: ANN201 (two ctypes functions)
     compiler = fused_decode._compiler()
     if compiler is None:
         sys.exit("no C compiler found")
     target = out_dir / f"{name}.so"
     cmd = [*compiler, *fused_decode.FLAGS, str(source), "-o", str(target), "-lm"]
     subprocess.run(cmd, check=True)
-    return fused_decode.entry(ctypes.CDLL(str(target)))
+    library = ctypes.CDLL(str(target))
+    try:
+        fused_decode.entry(library)
+    except AttributeError:  # a version from before `tinyllm_decode_steps`: one token per call
+        return library.tinyllm_decode_step, None
+    return library.tinyllm_decode_step, library.tinyllm_decode_steps
 
 
 def median_time(fn, repeats: int) -> float:  # noqa: ANN001
@@ -67,12 +75,19 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=FILE.c", help="another version")
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--engine", action="store_true", help="time generations through the engine (else the kernel)")
+    ap.add_argument("--burst", action="append", default=[], metavar="NAME=SECONDS", help="engine: burst_s")
     ap.add_argument("--json", type=Path, help="write every round here")
     args = ap.parse_args()
     sources = {"current": fused_decode.SOURCE}
+    bursts = {}  # version -> Engine.burst_s
     for spec in args.variant:
         name, _, path = spec.partition("=")
         sources[name] = Path(path)
+    for spec in args.burst:
+        name, _, seconds = spec.partition("=")
+        sources[name], bursts[name] = fused_decode.SOURCE, float(seconds)
+    if bursts and not args.engine:
+        ap.error("--burst needs --engine")
 
     torch.manual_seed(0)
     model = prepare_for_inference(GPT(ModelConfig.from_name("gpt2")).eval())
@@ -86,28 +101,31 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_new_tokens=128, ignore_eos=True)
     with tempfile.TemporaryDirectory() as tmp:
         fns = {name: build(name, src, Path(tmp)) for name, src in sources.items()}
+        bursts.update({name: 0.0 for name, (_, many) in fns.items() if many is None})
 
         def bandwidth() -> float:
             return probe.nbytes / min(median_time(probe.sum, 1) for _ in range(3)) / 1e9  # best of 3
 
-        def run(fn) -> float:  # noqa: ANN001 -> seconds per token
-            decoder._fn = fn
+        def run(name: str) -> float:  # -> seconds per token
+            decoder._fn, decoder._many = fns[name]
+            engine.burst_s = bursts.get(name, Engine.burst_s)
             if not args.engine:
                 with torch.inference_mode():
                     return median_time(lambda: decoder.decode(5, cache, 101), 15)
-            engine.submit(Request(prompt=list(range(16)), params=params))
-            engine.step()  # prefill + first token
-            t = time.perf_counter()
+            handle = engine.submit(Request(prompt=list(range(16)), params=params))
             while engine.has_work():
                 engine.step()
-            return (time.perf_counter() - t) / (params.max_new_tokens - 1)
+            result = handle.result()
+            # from the first token (drawn from the prefill's logits) to the last; the step that prefills also
+            # decodes (one token, or a burst), so timing from the end of the first step would leave tokens out
+            return (result.elapsed_s - result.time_to_first_token_s) / (result.completion_tokens - 1)
 
         rounds = []
         for r in range(args.rounds):
             before = bandwidth()
             names = list(fns)
             order = names[r % len(names) :] + names[: r % len(names)]  # rotated: the first place runs slower
-            seconds = {name: run(fns[name]) for name in order}
+            seconds = {name: run(name) for name in order}
             after = bandwidth()
             gbps = (before + after) / 2
             pct = {name: 100 * weight_bytes / (s * gbps * 1e9) for name, s in seconds.items()}

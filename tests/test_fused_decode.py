@@ -13,7 +13,7 @@ from engine_helpers import run_to_end
 
 from tinyllm import fused_decode
 from tinyllm.config import ModelConfig
-from tinyllm.engine import Engine, Request, generate, generate_naive
+from tinyllm.engine import Engine, GenerationResult, Request, RequestHandle, generate, generate_naive
 from tinyllm.kv_cache import KVCache
 from tinyllm.model import GPT
 from tinyllm.quantize import prepare_for_inference
@@ -44,16 +44,37 @@ def model() -> GPT:
 
 @pytest.fixture
 def c_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The length of every C step run (so a test sees the engine took that path)."""
+    """The length of every C step run, one per token (so a test sees the engine took that path)."""
     steps: list[int] = []
-    decode = fused_decode.FusedDecoder.decode
+    decode, decode_many = fused_decode.FusedDecoder.decode, fused_decode.FusedDecoder.decode_many
 
     def counted(self, token, cache, length, **kwargs):  # noqa: ANN001, ANN003, ANN202
         steps.append(length)
         return decode(self, token, cache, length, **kwargs)
 
+    def counted_many(self, token, cache, length, count, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        tokens = decode_many(self, token, cache, length, count, **kwargs)
+        steps.extend(range(length, length + len(tokens)))
+        return tokens
+
     monkeypatch.setattr(fused_decode.FusedDecoder, "decode", counted)
+    monkeypatch.setattr(fused_decode.FusedDecoder, "decode_many", counted_many)
     return steps
+
+
+@pytest.fixture
+def bursts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(tokens asked for, tokens returned) of every `decode_many` call."""
+    calls: list[tuple[int, int]] = []
+    decode_many = fused_decode.FusedDecoder.decode_many
+
+    def recorded(self, token, cache, length, count, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        tokens = decode_many(self, token, cache, length, count, **kwargs)
+        calls.append((count, len(tokens)))
+        return tokens
+
+    monkeypatch.setattr(fused_decode.FusedDecoder, "decode_many", recorded)
+    return calls
 
 
 def _prefilled(model: GPT, prompt: list[int], copies: int = 2) -> list[KVCache]:
@@ -203,6 +224,138 @@ def test_bad_inputs_are_refused(model: GPT) -> None:
     with pytest.raises(ValueError, match="one-slot CPU cache"):
         decoder.decode(3, two_slots, 3)
     assert two_slots.k[0].abs().sum() == 0  # nothing was written
+
+
+# --- bursts: a lone greedy sequence decodes several tokens per call of the C step --------------------------------
+
+
+@pytest.fixture(scope="module")
+def varied() -> GPT:
+    """A model whose greedy text does not settle on one token at once (a freshly initialized one repeats its
+    first token), so that a stop inside a burst can be placed."""
+    torch.manual_seed(0)
+    model = GPT(CFG).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5 if p.dim() == 2 else 0.1)
+    return prepare_for_inference(model)  # type: ignore[return-value]
+
+
+def _greedy(engine: Engine, prompt: list[int], **params: object) -> GenerationResult:
+    handle = engine.submit(Request(prompt=prompt, params=SamplingParams(**{**GREEDY, **params})))
+    while engine.has_work():
+        engine.step()
+    return handle.result()
+
+
+def test_bursts_give_the_tokens_of_one_step_at_a_time(model: GPT, bursts: list[tuple[int, int]]) -> None:
+    prompt = [5, 17, 3, 42, 8]
+    single = Engine(model, max_batch_size=1, compile="c")
+    single.burst_s = 0.0
+    one = _greedy(single, prompt, max_new_tokens=40)
+    assert bursts == []  # one token per call
+    burst = _greedy(Engine(model, max_batch_size=1, compile="c"), prompt, max_new_tokens=40)
+    # the first C step is timed alone; then a tiny model's steps fit MAX_BURST tokens in a burst, the last is cut
+    # to the tokens left (39 from C: 1 + 16 + 16 + 6)
+    assert bursts == [(16, 16), (16, 16), (6, 6)]
+    assert burst.token_ids == one.token_ids and burst.finish_reason == one.finish_reason == "length"
+    (oracle,) = generate_naive(model, [prompt], SamplingParams(**{**GREEDY, "max_new_tokens": 40}), eos_token_id=None)
+    assert burst.token_ids == oracle
+
+
+def test_a_stop_token_or_string_inside_a_burst_ends_it_there(varied: GPT, bursts: list[tuple[int, int]]) -> None:
+    prompt = [5, 17, 3, 42, 8]
+    ids = _greedy(Engine(varied, max_batch_size=1, compile="c"), prompt, max_new_tokens=40).token_ids
+    at = next(i for i in range(4, len(ids)) if ids[i] not in ids[:i])  # a token first drawn inside a burst
+    assert 2 <= at < 18  # tokens 2..17 come from the first burst
+    bursts.clear()
+    stopped = _greedy(Engine(varied, max_batch_size=1, compile="c"), prompt, stop_token_ids=(ids[at],))
+    assert stopped.token_ids == ids[: at + 1] and (stopped.finish_reason, stopped.stop_reason) == ("stop", ids[at])
+    assert bursts == [(16, at - 1)]  # the C loop itself stopped at the id
+    eos = _greedy(Engine(varied, max_batch_size=1, compile="c", eos_token_id=ids[at]), prompt, ignore_eos=False)
+    assert eos.token_ids == ids[: at + 1] and (eos.finish_reason, eos.stop_reason) == ("stop", ids[at])
+
+    def decode(tokens: list[int]) -> str:
+        return "".join(chr(ord("a") + t % 26) for t in tokens)
+
+    stop = decode(ids[at - 1 : at + 1])  # two characters across a token boundary
+    first = decode(ids).index(stop)  # where the text first shows them
+    results = []
+    for burst_s in (0.0, 1.0):
+        engine = Engine(varied, max_batch_size=1, compile="c", decode=decode)
+        engine.burst_s = burst_s
+        results.append(_greedy(engine, prompt, max_new_tokens=40, stop=(stop,)))
+    for result in results:
+        assert (result.finish_reason, result.stop_reason) == ("stop", stop)
+        assert result.token_ids == ids[: first + 2] and result.text == decode(ids[:first])
+
+
+def test_interrupt_ends_a_burst_after_its_current_step(model: GPT) -> None:
+    (cache,) = _prefilled(model, [1, 2, 3], copies=1)
+    decoder = _decoder(model)
+    stepwise, token = [], 4
+    for length in range(4, 12):
+        token = decoder.decode(token, cache, length)[1][0]
+        stepwise.append(token)
+    decoder.interrupt()
+    assert decoder.decode_many(4, cache, 4, 8) == stepwise[:1]
+    decoder.reset_interrupt()
+    assert decoder.decode_many(4, cache, 4, 8) == stepwise
+    with pytest.raises(ValueError, match="count must be"):
+        decoder.decode_many(4, cache, 4, 0)
+    with pytest.raises(ValueError, match="pass the context"):
+        decoder.decode_many(4, cache, CFG.block_size - 2, 4)
+
+
+@pytest.mark.parametrize("change", ["submit", "cancel"])
+def test_a_new_request_or_a_cancel_ends_a_burst(
+    model: GPT, monkeypatch: pytest.MonkeyPatch, bursts: list[tuple[int, int]], change: str
+) -> None:
+    """A request that arrives (or a cancel that comes) while a burst runs gets the engine back after one step."""
+    engine = Engine(model, max_batch_size=2, compile="c")
+    first = engine.submit(Request(prompt=[5, 17, 3], params=SamplingParams(**{**GREEDY, "max_new_tokens": 40})))
+    for _ in range(2):  # prefill and a timed single step, then a first burst
+        engine.step()
+    arrived: list[RequestHandle] = []
+    decode_many = fused_decode.FusedDecoder.decode_many  # the recording one
+
+    def meanwhile(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if not arrived:  # on another thread in a server; the C loop sees the flag after its step either way
+            if change == "submit":
+                arrived.append(engine.submit(Request(prompt=[9, 9], params=SamplingParams(**GREEDY))))
+            else:
+                arrived.append(first)
+                engine.cancel(first)
+        return decode_many(self, *args, **kwargs)
+
+    monkeypatch.setattr(fused_decode.FusedDecoder, "decode_many", meanwhile)
+    engine.step()
+    assert bursts[0] == (16, 16) and bursts[-1] == (16, 1)  # the burst running at the change: one step
+    while engine.has_work():
+        engine.step()
+    alone = generate(model, [[5, 17, 3]], SamplingParams(**{**GREEDY, "max_new_tokens": 40}), eos_token_id=None)[0]
+    if change == "submit":
+        assert first.result().token_ids == alone.token_ids
+        assert (
+            arrived[0].result().token_ids
+            == generate(model, [[9, 9]], SamplingParams(**GREEDY), eos_token_id=None)[0].token_ids
+        )
+    else:
+        result = first.result()
+        assert result.finish_reason == "cancelled"
+        assert result.token_ids == alone.token_ids[: 2 + 16]  # nothing from the interrupted burst
+
+
+def test_sampled_and_logprob_requests_take_one_token_a_call(model: GPT, bursts: list[tuple[int, int]]) -> None:
+    engine = Engine(model, max_batch_size=1, compile="c")
+    sampled = _greedy(engine, [3, 1, 4], temperature=1.0, seed=7)
+    with_logprobs = _greedy(engine, [3, 1, 4], logprobs=True)
+    penalized = _greedy(engine, [3, 1, 4], repetition_penalty=1.3)
+    assert bursts == []  # each needs the logits of every step in Python
+    assert len(with_logprobs.logprobs or []) == len(with_logprobs.token_ids) == 24
+    assert len(sampled.token_ids) == len(penalized.token_ids) == 24
+    assert with_logprobs.token_ids == _greedy(engine, [3, 1, 4]).token_ids
+    assert bursts  # and the same greedy request without logprobs took bursts
 
 
 def test_other_dtypes_and_devices_say_why() -> None:

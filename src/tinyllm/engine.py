@@ -6,7 +6,9 @@ active slot (each at its own position), emits per-request events and retires the
 `stream` are thin loops over an Engine; `generate_naive` re-runs the whole context every token and is the
 oracle the tests hold the engine to. `compile=True` (or `compile_decode()`) builds a faster step for decoding a
 lone sequence: the fp32 step written in C (`tinyllm.fused_decode`), else the one `torch.compile` builds
-(`tinyllm.compiled_decode`, which also runs bf16 and int8); the other steps stay eager.
+(`tinyllm.compiled_decode`, which also runs bf16 and int8); the other steps stay eager. A lone greedy sequence on
+the C step decodes a burst of up to `Engine.burst_s` (several tokens) per call, settled afterwards one by one
+(multi-step scheduling); a new request, a cancel or a stop ends a burst after its current token.
 
 Threading: one thread (a server's worker) owns the Engine and loops `step()` or `run()`; any thread may
 `submit`, `cancel` and consume a request's events (a `queue.Queue` per request, or a callback).
@@ -342,6 +344,11 @@ class _Sequence:
 # --- the engine -----------------------------------------------------------------------------------------------------
 
 
+# A lone greedy sequence on the C step decodes up to this many tokens per call (`Engine.burst_s`).
+MAX_BURST = 16
+BURST_S = 0.08
+
+
 class Engine:
     """Continuous batching over `max_batch_size` slots of one preallocated KV cache.
 
@@ -356,7 +363,12 @@ class Engine:
         compile: build the batch-1 decode step now (`compile_decode`; CPU only): steps that decode a single
             sequence then run it, the others stay eager. True picks the fastest step that runs this model
             ("c", else "inductor"); "c" or "inductor" asks for one.
+
+    `burst_s` (attribute): how long a lone greedy sequence on the C step may decode in one call (several tokens,
+    settled afterwards one by one); 0 decodes one token a call.
     """
+
+    burst_s: float = BURST_S
 
     def __init__(
         self,
@@ -404,6 +416,7 @@ class Engine:
         self._compiled: FusedDecoder | CompiledDecoder | None = None  # set once built and warmed up
         self._slot_caches: dict[int, KVCache] = {}  # one-slot views of the cache, for the compiled step
         self._c_logits: torch.Tensor | None = None  # the C step's logits, rewritten each step
+        self._c_step_s: float | None = None  # the last C call's seconds per token (sizes the next burst)
         if compile:
             self.compile_decode(step="auto" if compile is True else compile)
 
@@ -506,6 +519,7 @@ class Engine:
             seq = _Sequence(request, request_id, prompt, dropped, RequestHandle(request_id, on_event=on_event))
             self._waiting.append(seq)
             self._wakeup.notify_all()
+        self._interrupt()
         return seq.handle
 
     def cancel(self, handle: RequestHandle | str) -> bool:
@@ -525,6 +539,7 @@ class Engine:
                 self._slots[seq.slot] = None  # type: ignore[index]
             seq.finished = True
             self._finish(seq, "cancelled", delta_text="")
+        self._interrupt()
         return True
 
     def cancel_all(self) -> None:
@@ -552,6 +567,15 @@ class Engine:
         """Wake a `run()` loop (e.g. after setting its stop event)."""
         with self._lock:
             self._wakeup.notify_all()
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        """End a running burst of the C step after its current token (a new request, a cancel, a stop): set after
+        the change it announces, and reset by the engine before it sizes a burst from the queue, so no change
+        waits for a whole burst."""
+        decoder = self._compiled
+        if decoder is not None and decoder.kind == "c":
+            decoder.interrupt()  # type: ignore[union-attr]
 
     def _fail_active(self, message: str) -> None:
         with self._lock:
@@ -621,13 +645,63 @@ class Engine:
                 # would run cold (~80 us a step, measured)
                 if self._c_logits is None:
                     self._c_logits = torch.empty(1, self.config.vocab_size, dtype=torch.float32, device=self.device)
+                # reset before `_burst_size` looks at the queue (see `_interrupt`)
+                self._compiled.reset_interrupt()  # type: ignore[union-attr]
+                count = self._burst_size(seq)
+                start = time.perf_counter()
+                if count > 1:
+                    tokens = self._compiled.decode_many(  # type: ignore[union-attr]
+                        seq.output[-1], cache, seq.length, count, stop_ids=self._stop_ids(seq), out=self._c_logits
+                    )
+                    self._c_step_s = (time.perf_counter() - start) / len(tokens)
+                    return self._advance_burst(seq, tokens)
                 logits, greedy = self._compiled.decode(seq.output[-1], cache, seq.length, out=self._c_logits)
+                self._c_step_s = time.perf_counter() - start
                 return self._advance(seqs, logits, greedy=greedy)
             with torch.inference_mode():
                 logits, greedy = self._compiled.decode(seq.output[-1], cache, seq.length)  # (1, V), (1,)
                 return self._advance(seqs, logits, greedy=greedy)
         with torch.inference_mode():
             return self._decode_batch(seqs)
+
+    def _burst_size(self, seq: _Sequence) -> int:
+        """How many tokens a lone sequence decodes in one call of the C step: greedy rows without penalties or
+        logprobs take up to `burst_s` of decoding at once (multi-step scheduling, as vLLM's), when nobody waits
+        for a slot; others one. The tokens are then settled one by one as if decoded apart (stop conditions,
+        cancellation), and a request that arrives meanwhile waits at most `burst_s` for its prefill."""
+        p = seq.params
+        if (
+            self.burst_s <= 0
+            or self._c_step_s is None
+            or p.temperature != 0
+            or p.has_penalties
+            or p.logprobs
+            or self._waiting
+        ):
+            return 1
+        left = min(p.max_new_tokens - len(seq.output), self.context_limit - seq.length)
+        return max(1, min(MAX_BURST, left, int(self.burst_s / max(self._c_step_s, 1e-6))))
+
+    def _stop_ids(self, seq: _Sequence) -> tuple[int, ...]:
+        """The token ids that end `seq` (EOS unless ignored, and its stop_token_ids)."""
+        eos = () if self.eos_token_id is None or seq.params.ignore_eos else (self.eos_token_id,)
+        return eos + seq.params.stop_token_ids
+
+    def _advance_burst(self, seq: _Sequence, tokens: list[int]) -> list[Event]:
+        """Settle the greedy tokens of one burst in order, as `_advance` settles one: the first that finishes the
+        sequence (a stop string, max tokens) ends it, and a cancel from another thread drops the rest."""
+        now = time.perf_counter()
+        events: list[Event] = []
+        with self._lock:
+            for token in tokens:
+                if seq.finished or self._slots[seq.slot] is not seq:  # type: ignore[index]
+                    break  # finished by an earlier token of the burst, or cancelled while it ran
+                seq.output.append(token)
+                if seq.first_token_at is None:
+                    seq.first_token_at = now
+                self.tokens_generated += 1
+                events.append(self._check_finish(seq, token, None))
+        return events
 
     def _decode_batch(self, seqs: list[_Sequence]) -> list[Event]:
         n = max(s.slot for s in seqs) + 1  # type: ignore[type-var]

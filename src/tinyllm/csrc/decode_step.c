@@ -327,3 +327,22 @@ int64_t tinyllm_decode_step(const int64_t *dims, const float *const *weights, fl
     }
     return at;
 }
+
+/* Up to n greedy steps of one sequence: token at pos, then each step's argmax at the next position, until n
+   tokens, one of the `n_stops` ids in `stops` (kept), or `*interrupt` found set after a step (another thread
+   asks for the engine back: a new request, a cancel). Writes the tokens to `out` and returns how many; the
+   logits left in `logits` are the last step's. One call for several tokens spares the caller's per-token work,
+   which runs cold after each step has streamed the weights through the caches. */
+int64_t tinyllm_decode_steps(const int64_t *dims, const float *const *weights, float *const *kv, float *scratch,
+                             float *logits, int64_t token, int64_t pos, float eps, int threads, int64_t n,
+                             const int64_t *stops, int64_t n_stops, int64_t *out, const int32_t *interrupt) {
+    int64_t done = 0;
+    while (done < n) {
+        token = out[done] = tinyllm_decode_step(dims, weights, kv, scratch, logits, token, pos + done, eps, threads);
+        done++;
+        for (int64_t i = 0; i < n_stops; i++)
+            if (token == stops[i]) return done;
+        if (interrupt && __atomic_load_n(interrupt, __ATOMIC_ACQUIRE)) return done;
+    }
+    return done;
+}
