@@ -109,6 +109,7 @@ def main() -> None:
         def run(name: str) -> float:  # -> seconds per token
             decoder._fn, decoder._many = fns[name]
             engine.burst_s = bursts.get(name, Engine.burst_s)
+            engine._c_step_s = None  # each version times its own first step (which sizes its bursts)
             if not args.engine:
                 with torch.inference_mode():
                     return median_time(lambda: decoder.decode(5, cache, 101), 15)

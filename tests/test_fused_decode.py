@@ -161,10 +161,12 @@ def test_a_lone_sequence_in_a_later_slot_equals_it_alone(model: GPT, c_steps: li
     assert engine.cache.k[0][3].abs().sum() == 0  # the unused slot was never written
 
 
-def test_generation_stops_at_the_context_limit(model: GPT, c_steps: list[int]) -> None:
+@pytest.mark.parametrize("burst_s", [0.0, 1e6], ids=["one-token-calls", "bursts"])
+def test_generation_stops_at_the_context_limit(model: GPT, c_steps: list[int], burst_s: float) -> None:
     prompt = list(range(1, 51))
     params = dict(temperature=0.0, max_new_tokens=100, ignore_eos=True)
     engine = Engine(model, max_batch_size=1, compile="c")
+    engine.burst_s = burst_s
     handle = engine.submit(Request(prompt=prompt, params=SamplingParams(**params)))
     while engine.has_work():
         engine.step()
@@ -241,6 +243,13 @@ def varied() -> GPT:
     return prepare_for_inference(model)  # type: ignore[return-value]
 
 
+def _bursting(model: GPT, **kwargs: object) -> Engine:
+    """An engine whose bursts are sized by MAX_BURST and the tokens left, never by how long a step took here."""
+    engine = Engine(model, compile="c", **{"max_batch_size": 1, **kwargs})  # type: ignore[arg-type]
+    engine.burst_s = 1e6
+    return engine
+
+
 def _greedy(engine: Engine, prompt: list[int], **params: object) -> GenerationResult:
     handle = engine.submit(Request(prompt=prompt, params=SamplingParams(**{**GREEDY, **params})))
     while engine.has_work():
@@ -254,7 +263,7 @@ def test_bursts_give_the_tokens_of_one_step_at_a_time(model: GPT, bursts: list[t
     single.burst_s = 0.0
     one = _greedy(single, prompt, max_new_tokens=40)
     assert bursts == []  # one token per call
-    burst = _greedy(Engine(model, max_batch_size=1, compile="c"), prompt, max_new_tokens=40)
+    burst = _greedy(_bursting(model), prompt, max_new_tokens=40)
     # the first C step is timed alone; then a tiny model's steps fit MAX_BURST tokens in a burst, the last is cut
     # to the tokens left (39 from C: 1 + 16 + 16 + 6)
     assert bursts == [(16, 16), (16, 16), (6, 6)]
@@ -265,14 +274,14 @@ def test_bursts_give_the_tokens_of_one_step_at_a_time(model: GPT, bursts: list[t
 
 def test_a_stop_token_or_string_inside_a_burst_ends_it_there(varied: GPT, bursts: list[tuple[int, int]]) -> None:
     prompt = [5, 17, 3, 42, 8]
-    ids = _greedy(Engine(varied, max_batch_size=1, compile="c"), prompt, max_new_tokens=40).token_ids
+    ids = _greedy(_bursting(varied), prompt, max_new_tokens=40).token_ids
     at = next(i for i in range(4, len(ids)) if ids[i] not in ids[:i])  # a token first drawn inside a burst
     assert 2 <= at < 18  # tokens 2..17 come from the first burst
     bursts.clear()
-    stopped = _greedy(Engine(varied, max_batch_size=1, compile="c"), prompt, stop_token_ids=(ids[at],))
+    stopped = _greedy(_bursting(varied), prompt, stop_token_ids=(ids[at],))
     assert stopped.token_ids == ids[: at + 1] and (stopped.finish_reason, stopped.stop_reason) == ("stop", ids[at])
     assert bursts == [(16, at - 1)]  # the C loop itself stopped at the id
-    eos = _greedy(Engine(varied, max_batch_size=1, compile="c", eos_token_id=ids[at]), prompt, ignore_eos=False)
+    eos = _greedy(_bursting(varied, eos_token_id=ids[at]), prompt, ignore_eos=False)
     assert eos.token_ids == ids[: at + 1] and (eos.finish_reason, eos.stop_reason) == ("stop", ids[at])
 
     def decode(tokens: list[int]) -> str:
@@ -281,10 +290,12 @@ def test_a_stop_token_or_string_inside_a_burst_ends_it_there(varied: GPT, bursts
     stop = decode(ids[at - 1 : at + 1])  # two characters across a token boundary
     first = decode(ids).index(stop)  # where the text first shows them
     results = []
-    for burst_s in (0.0, 1.0):
+    for burst_s in (0.0, 1e6):
         engine = Engine(varied, max_batch_size=1, compile="c", decode=decode)
         engine.burst_s = burst_s
+        bursts.clear()
         results.append(_greedy(engine, prompt, max_new_tokens=40, stop=(stop,)))
+        assert bool(bursts) == (burst_s > 0)
     for result in results:
         assert (result.finish_reason, result.stop_reason) == ("stop", stop)
         assert result.token_ids == ids[: first + 2] and result.text == decode(ids[:first])
@@ -303,8 +314,9 @@ def test_interrupt_ends_a_burst_after_its_current_step(model: GPT) -> None:
     assert decoder.decode_many(4, cache, 4, 8) == stepwise
     with pytest.raises(ValueError, match="count must be"):
         decoder.decode_many(4, cache, 4, 0)
+    assert len(decoder.decode_many(4, cache, CFG.block_size - 3, 4)) == 4  # positions 60..63, the last one
     with pytest.raises(ValueError, match="pass the context"):
-        decoder.decode_many(4, cache, CFG.block_size - 2, 4)
+        decoder.decode_many(4, cache, CFG.block_size - 3, 5)
 
 
 @pytest.mark.parametrize("change", ["submit", "cancel"])
@@ -312,7 +324,7 @@ def test_a_new_request_or_a_cancel_ends_a_burst(
     model: GPT, monkeypatch: pytest.MonkeyPatch, bursts: list[tuple[int, int]], change: str
 ) -> None:
     """A request that arrives (or a cancel that comes) while a burst runs gets the engine back after one step."""
-    engine = Engine(model, max_batch_size=2, compile="c")
+    engine = _bursting(model, max_batch_size=2)
     first = engine.submit(Request(prompt=[5, 17, 3], params=SamplingParams(**{**GREEDY, "max_new_tokens": 40})))
     for _ in range(2):  # prefill and a timed single step, then a first burst
         engine.step()
@@ -344,6 +356,46 @@ def test_a_new_request_or_a_cancel_ends_a_burst(
         result = first.result()
         assert result.finish_reason == "cancelled"
         assert result.token_ids == alone.token_ids[: 2 + 16]  # nothing from the interrupted burst
+
+
+def test_bursts_last_about_burst_s(model: GPT, bursts: list[tuple[int, int]]) -> None:
+    engine = Engine(model, max_batch_size=1, compile="c")
+    engine.submit(Request(prompt=[5, 17, 3], params=SamplingParams(**{**GREEDY, "max_new_tokens": 40})))
+    engine.step()  # prefill and the first C step, timed alone
+    assert bursts == [] and engine._c_step_s is not None
+    asked = []
+    for step_s in (0.02, 0.2, 1e-4):  # burst_s (0.08 s) over the last call's time per token, at most 16
+        engine._c_step_s = step_s
+        calls = len(bursts)
+        engine.step()
+        asked.append(bursts[-1][0] if len(bursts) > calls else 1)
+    assert asked == [4, 1, 16]
+
+
+def test_a_cancel_before_the_burst_starts_runs_nothing(model: GPT, bursts: list[tuple[int, int]]) -> None:
+    engine = _bursting(model)
+    handle = engine.submit(Request(prompt=[5, 17, 3], params=SamplingParams(**GREEDY)))
+    engine.step()
+    seq = engine._slots[0]
+    assert seq is not None
+    engine.cancel(handle)  # after `step` listed the sequence to decode, before its burst
+    assert engine._decode([seq]) == [] and bursts == []
+    assert handle.result().finish_reason == "cancelled" and handle.result().completion_tokens == 2
+
+
+def test_a_request_waiting_without_a_free_slot_does_not_stop_bursts(model: GPT, bursts: list[tuple[int, int]]) -> None:
+    engine = _bursting(model)  # one slot
+    prompts = [[5, 17, 3], [9, 9]]
+    params = SamplingParams(**{**GREEDY, "max_new_tokens": 30})
+    handles = [engine.submit(Request(prompt=p, params=params)) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    # 30 tokens each: the prefill's, one C step timed alone, then 16 + 12 while the second waits for the slot;
+    # the second: the prefill's, then 16 + 13 (its steps are sized by the first one's timing)
+    assert [b[0] for b in bursts] == [16, 12, 16, 13]
+    for handle, prompt in zip(handles, prompts, strict=True):
+        alone = generate(model, [prompt], params, eos_token_id=None)[0]
+        assert handle.result().token_ids == alone.token_ids
 
 
 def test_sampled_and_logprob_requests_take_one_token_a_call(model: GPT, bursts: list[tuple[int, int]]) -> None:

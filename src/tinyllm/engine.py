@@ -519,7 +519,8 @@ class Engine:
             seq = _Sequence(request, request_id, prompt, dropped, RequestHandle(request_id, on_event=on_event))
             self._waiting.append(seq)
             self._wakeup.notify_all()
-        self._interrupt()
+            if free:  # a running burst yields to a request that can take a slot now
+                self._interrupt()
         return seq.handle
 
     def cancel(self, handle: RequestHandle | str) -> bool:
@@ -539,7 +540,7 @@ class Engine:
                 self._slots[seq.slot] = None  # type: ignore[index]
             seq.finished = True
             self._finish(seq, "cancelled", delta_text="")
-        self._interrupt()
+            self._interrupt()
         return True
 
     def cancel_all(self) -> None:
@@ -567,12 +568,12 @@ class Engine:
         """Wake a `run()` loop (e.g. after setting its stop event)."""
         with self._lock:
             self._wakeup.notify_all()
-        self._interrupt()
+            self._interrupt()
 
     def _interrupt(self) -> None:
-        """End a running burst of the C step after its current token (a new request, a cancel, a stop): set after
-        the change it announces, and reset by the engine before it sizes a burst from the queue, so no change
-        waits for a whole burst."""
+        """End a running burst of the C step after its current token (a new request, a cancel, a stop). Set under
+        the lock with the change it announces; the engine resets it under the lock before it looks at the queue
+        and the sequence to size a burst, so every change is either seen then or ends the burst."""
         decoder = self._compiled
         if decoder is not None and decoder.kind == "c":
             decoder.interrupt()  # type: ignore[union-attr]
@@ -645,9 +646,11 @@ class Engine:
                 # would run cold (~80 us a step, measured)
                 if self._c_logits is None:
                     self._c_logits = torch.empty(1, self.config.vocab_size, dtype=torch.float32, device=self.device)
-                # reset before `_burst_size` looks at the queue (see `_interrupt`)
-                self._compiled.reset_interrupt()  # type: ignore[union-attr]
-                count = self._burst_size(seq)
+                with self._lock:  # the flag is reset, then the queue and the sequence looked at (see `_interrupt`)
+                    self._compiled.reset_interrupt()  # type: ignore[union-attr]
+                    if seq.finished or self._slots[slot] is not seq:
+                        return []  # cancelled since `step` listed it
+                    count = self._burst_size(seq)
                 start = time.perf_counter()
                 if count > 1:
                     tokens = self._compiled.decode_many(  # type: ignore[union-attr]
@@ -665,10 +668,12 @@ class Engine:
             return self._decode_batch(seqs)
 
     def _burst_size(self, seq: _Sequence) -> int:
-        """How many tokens a lone sequence decodes in one call of the C step: greedy rows without penalties or
-        logprobs take up to `burst_s` of decoding at once (multi-step scheduling, as vLLM's), when nobody waits
-        for a slot; others one. The tokens are then settled one by one as if decoded apart (stop conditions,
-        cancellation), and a request that arrives meanwhile waits at most `burst_s` for its prefill."""
+        """How many tokens a lone sequence decodes in one call of the C step (the lock held): greedy rows without
+        penalties or logprobs take up to `burst_s` of decoding at once (multi-step scheduling, as vLLM's) unless
+        a waiting request could take a free slot; others one. The tokens are then settled one by one as if
+        decoded apart (stop conditions, cancellation); a request that arrives meanwhile for a free slot, a cancel
+        or a stop ends the burst after its current token (`_interrupt`). Stop strings are found only then: a
+        greedy request with stop strings may decode up to a burst past its match (not returned)."""
         p = seq.params
         if (
             self.burst_s <= 0
@@ -676,7 +681,7 @@ class Engine:
             or p.temperature != 0
             or p.has_penalties
             or p.logprobs
-            or self._waiting
+            or (self._waiting and any(s is None for s in self._slots))
         ):
             return 1
         left = min(p.max_new_tokens - len(seq.output), self.context_limit - seq.length)

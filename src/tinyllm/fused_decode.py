@@ -13,9 +13,10 @@ Same fp32 weights, same math in another summation order (like the compiled step)
 engine's (tested), logits to ~1e-5, bit-equal for any thread count; `warm_up` checks one step against the
 eager model before it is used. Built once per CPU model with the system C compiler (`$CC`, else
 cc/gcc/clang; -O3 -march=native -fopenmp, under a second) into tinyllm's cache (`$TINYLLM_HOME/kernels`),
-loaded with ctypes, which releases the GIL during the call. `decode_many` runs several greedy steps in one call
-(the engine's bursts): the Python between two steps runs cold, after the weights have streamed through the caches. Where it cannot run (another dtype, no compiler,
-not CPU) `unavailable` says why and the engine uses the compiled step or eager decoding.
+loaded with ctypes, which releases the GIL during the call. Where it cannot run (another dtype, no compiler, not
+CPU) `unavailable` says why and the engine uses the compiled step or eager decoding. `decode_many` runs several
+greedy steps in one call (the engine's bursts): Python between two steps runs cold, after the weights have
+streamed through the caches.
 
 Shapes: C channels, V vocabulary, H heads, S cache positions, D head size, L layers.
 """
