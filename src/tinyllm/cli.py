@@ -484,7 +484,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )  # validated before the model loads
     from tinyllm.devices import detect_device
 
-    model, meta = resolve_model(args.model, device=detect_device(args.device))
+    # auto: as the server's (MPS only on request: decoding is untested there)
+    model, meta = resolve_model(args.model, device=detect_device(args.device, prefer=("cuda",)))
     prepare_for_inference(model, dtype=args.dtype, quantize=args.quantize)
     tok = tokenizer_from_meta(meta, model)
     prompt = tok.encode(args.prompt) or [tok.eot_token]  # an empty prompt starts from end-of-text, as GPT-2 does
@@ -538,7 +539,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights (float32: exact)")
     p.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None, help="int8 weights (lossy)")
-    p.add_argument("--device", default="cpu", help="cpu (default), auto (cuda > mps > cpu), cuda, cuda:N or mps")
+    p.add_argument(
+        "--device", default="auto", help="auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps"
+    )
     p.add_argument(
         "--compile",
         action="store_true",
