@@ -152,7 +152,7 @@ def test_body_limit_by_content_length_and_by_streamed_body(gpt2_tokenizer: Token
     with serving(gpt2_tokenizer, settings=SETTINGS.replace(max_body_bytes=300)) as client:
         big = {"prompt": "x" * 400}
         assert "300 bytes" in _flat_error(client.post("/generate/custom", json=big), 413)["detail"]
-        _openai_error(client.post("/v1/completions", json=big), 413)
+        assert _openai_error(client.post("/v1/completions", json=big), 413)["code"] == "request_too_large"
 
         def chunks():  # no Content-Length: sent chunked
             for _ in range(10):
@@ -182,12 +182,39 @@ def test_validation_errors_name_the_field(gpt2_tokenizer: Tokenizer) -> None:
         _openai_error(
             client.post("/v1/completions", content=b"{nope", headers={"Content-Type": "application/json"}), 400
         )
+        latin1 = client.post(
+            "/v1/completions", content=b'{"prompt": "\xe9"}', headers={"Content-Type": "application/json"}
+        )
+        err = _openai_error(latin1, 400)  # FastAPI's "There was an error parsing the body", code null, before
+        assert err["code"] == "invalid_json" and "not UTF-8" in err["message"]
         # valid JSON sent without saying so (curl -d's form type, text/plain, none): 415 saying what to send
         for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"}, {}):
             body = _flat_error(client.post("/generate/custom", content=b'{"prompt": "x"}', headers=headers), 415)
             assert "Content-Type: application/json" in body["detail"] and body["code"] == "unsupported_media_type"
         chat = client.post("/v1/chat/completions", content=b"{}", headers={"Content-Type": "text/plain"})
         assert "application/json" in _openai_error(chat, 415)["message"]
+
+
+def test_openai_features_not_implemented_are_refused_not_ignored(gpt2_tokenizer: Tokenizer) -> None:
+    """Before, they were dropped with the unknown fields: a 200 the client took for an answer that honoured them."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with serving(gpt2_tokenizer, settings=SETTINGS) as client:
+        for route, body, param in (
+            ("/v1/completions", {"prompt": "x", "logit_bias": {"50256": -100}}, "logit_bias"),
+            ("/v1/completions", {"prompt": "x", "suffix": " end"}, "suffix"),
+            ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
+            ("/v1/chat/completions", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+            ("/v1/chat/completions", {**chat, "tool_choice": "required"}, "tool_choice"),
+            ("/v1/chat/completions", {**chat, "functions": [{"name": "f"}]}, "functions"),
+            ("/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}}, "response_format"),
+        ):
+            err = _openai_error(client.post(route, json=body), 422)
+            assert err["param"] == param and "not supported by this server" in err["message"], (param, err)
+        # their neutral values are fine (clients send them by default)
+        neutral = {"logit_bias": {}, "tool_choice": "none", "response_format": {"type": "text"}, "tools": []}
+        assert client.post("/v1/chat/completions", json={**chat, **neutral}).status_code == 200
+        plain = {"prompt": "x", "max_tokens": 2, "best_of": 1, "suffix": None, "logit_bias": None}
+        assert client.post("/v1/completions", json=plain).status_code == 200
 
 
 def test_prompt_too_long_is_400_unless_truncation_is_asked(gpt2_tokenizer: Tokenizer) -> None:

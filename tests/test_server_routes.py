@@ -214,6 +214,19 @@ def test_completion_list_prompt_n_echo_and_token_prompt(client: TestClient, tok:
     assert by_ids["usage"]["prompt_tokens"] == len(ids)
 
 
+def test_echo_of_a_truncated_prompt_is_what_the_model_read(client: TestClient, tok: Tokenizer) -> None:
+    ids = [tok.encode(" one")[0], *tok.encode(" two") * (BLOCK_SIZE + 20)]  # too long: its start is cut
+    body = {"prompt": ids, "max_tokens": 4, "echo": True, "truncate_prompt": True, "temperature": 0}
+    plain = client.post("/v1/completions", json=body).json()
+    streamed = sse_json(client.post("/v1/completions", json={**body, "stream": True}).text)
+    kept = plain["usage"]["prompt_tokens"]
+    assert kept < len(ids)
+    echoed = tok.decode(ids[-kept:])  # the kept end, not the whole prompt (which started with " one")
+    assert plain["choices"][0]["text"].startswith(echoed) and not plain["choices"][0]["text"].startswith(" one")
+    assert streamed[0]["choices"][0]["text"] == echoed
+    assert "".join(c["choices"][0]["text"] for c in streamed) == plain["choices"][0]["text"]
+
+
 def test_completion_stream_chunks_carry_token_logprobs(client: TestClient) -> None:
     body = {"prompt": "Hi", "max_tokens": 4, "stream": True, "logprobs": 5, "stream_options": {"include_usage": True}}
     r = client.post("/v1/completions", json=body)

@@ -487,7 +487,9 @@ class Engine:
 
     # -- submitting and cancelling -------------------------------------------------------------------------------
 
-    def _check_prompt(self, request: Request) -> tuple[list[int], int]:
+    def check_prompt(self, request: Request) -> tuple[list[int], int]:
+        """The prompt `request` would run with (its left cut off to fit the context, if it allows truncation) and
+        how many tokens were dropped. Raises PromptTooLongError or InvalidPromptError, as `submit` does."""
         prompt = [int(t) for t in request.prompt]
         if not prompt:
             raise InvalidPromptError("the prompt is empty; give at least one token (e.g. the end-of-text id)")
@@ -508,7 +510,7 @@ class Engine:
 
     def submit(self, request: Request, *, on_event: Callable[[Event], None] | None = None) -> RequestHandle:
         """Queue a request; returns its handle. Raises PromptTooLongError, InvalidPromptError, QueueFullError."""
-        prompt, dropped = self._check_prompt(request)
+        prompt, dropped = self.check_prompt(request)
         if request.params.stop and self._codec is None:
             raise SamplingError("stop strings need text: create the engine with a tokenizer or a decode function")
         with self._lock:

@@ -66,6 +66,9 @@ class NotFoundError(APIError):
 class PayloadTooLargeError(APIError):
     status = 413
 
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **{**kwargs, "code": kwargs.get("code") or "request_too_large"})
+
 
 class OverloadedError(APIError):
     """The model's queue is full: try again shortly."""
@@ -200,9 +203,12 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         kind = {401: AuthenticationError, 404: NotFoundError, 413: PayloadTooLargeError}.get(exc.status_code, APIError)
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        code = None
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
-        error = kind(message, status=exc.status_code, headers=exc.headers)
+        if exc.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's, e.g. not UTF-8
+            message, code = "request body could not be read as JSON (not UTF-8, or nested too deeply)", "invalid_json"
+        error = kind(message, status=exc.status_code, headers=exc.headers, code=code)
         if exc.status_code >= 500:
             error.type = "server_error"
         return error_response(request.url.path, error)

@@ -202,9 +202,15 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     want_lp = body.logprobs is not None
     params = _params(body, max_tokens=max_tokens, stop=stop, logprobs=want_lp, top_logprobs=body.logprobs or 0)
-    group = start_group(
-        request, worker, _requests([ids for _, ids in prompts], params, n=body.n, truncate=body.truncate_prompt)
-    )
+    requests = _requests([ids for _, ids in prompts], params, n=body.n, truncate=body.truncate_prompt)
+    if body.echo and body.truncate_prompt:  # echo what the model read: a prompt cut to fit loses its start
+        engine = worker.engine
+        assert engine is not None  # loaded (`require`)
+        for i in range(len(prompts)):
+            kept, dropped = engine.check_prompt(requests[i * body.n])
+            if dropped:
+                prompts[i] = (tokenizer.decode(kept), kept)
+    group = start_group(request, worker, requests)
     meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if body.stream:
         first = await group.first_event()

@@ -1,15 +1,17 @@
 """OpenAI-compatible bodies: /v1/models, /v1/completions, /v1/chat/completions (requests, responses, chunks).
 
 Requests follow OpenAI's field names and defaults (temperature 1, top_p 1, 16 tokens for completions);
-unknown fields are ignored as OpenAI-style servers do. Extensions in vLLM's style: `top_k`, `min_p`,
-`repetition_penalty`, `truncate_prompt`.
+unknown fields are ignored as OpenAI-style servers do, except those that would change the answer and are not
+implemented here (`logit_bias`, `suffix`, `best_of`, tools and functions, a JSON `response_format`): a request
+that uses one gets a 422 naming it rather than an answer that silently ignored it. Extensions in vLLM's style:
+`top_k`, `min_p`, `repetition_penalty`, `truncate_prompt`.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from tinyllm.sampling import MAX_TOP_LOGPROBS
 from tinyllm.server.schemas import MAX_NEW_TOKENS_BOUND, MAX_SEED, Stop, Text, null_is_default
@@ -58,6 +60,18 @@ class ModelList(BaseModel):
 # --- shared request fields -------------------------------------------------------------------------------------
 
 
+def _unsupported(what: str, *, allowed: tuple[Any, ...] = (None,)) -> Any:
+    """A field OpenAI defines that this server does not implement: any value but `allowed` (or an empty one) is
+    refused, so a client never takes an answer for one that honoured it."""
+
+    def check(value: Any) -> Any:
+        if value in allowed or value == {} or value == [] or value == "":
+            return value
+        raise ValueError(f"{what} is not supported by this server; leave it out")
+
+    return Annotated[Any, AfterValidator(check)]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -76,6 +90,7 @@ class _OpenAIRequest(BaseModel):
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     user: Text | None = None
+    logit_bias: _unsupported("logit_bias") = None  # type: ignore[valid-type]
     # extensions (vLLM's names)
     top_k: int | None = Field(None, ge=0, le=100_000, description="extension: keep the k likeliest tokens")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="extension: min-p filter")
@@ -97,6 +112,8 @@ class CompletionRequest(_OpenAIRequest):
     max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS_BOUND)
     logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of each token and the top N")
     echo: Annotated[bool, null_is_default(False)] = Field(False, description="prepend the prompt to the text")
+    suffix: _unsupported("suffix (insertion)") = None  # type: ignore[valid-type]
+    best_of: _unsupported("best_of (use n)", allowed=(None, 1)) = None  # type: ignore[valid-type]
 
 
 class CompletionLogprobs(BaseModel):
@@ -160,6 +177,13 @@ class ChatCompletionRequest(_OpenAIRequest):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_BOUND, description="alias of max_tokens")
     logprobs: Annotated[bool, null_is_default(False)] = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: _unsupported("tool calling") = None  # type: ignore[valid-type]
+    tool_choice: _unsupported("tool calling", allowed=(None, "none", "auto")) = None  # type: ignore[valid-type]
+    functions: _unsupported("function calling") = None  # type: ignore[valid-type]
+    function_call: _unsupported("function calling", allowed=(None, "none", "auto")) = None  # type: ignore[valid-type]
+    response_format: _unsupported(  # type: ignore[valid-type]
+        "response_format other than text (JSON mode, structured outputs)", allowed=(None, {"type": "text"})
+    ) = None
 
 
 class TopLogprob(BaseModel):
