@@ -178,8 +178,13 @@ def test_text_offsets_point_into_the_text_across_split_characters(client: TestCl
     chunks = [
         c["choices"][0]["logprobs"] for c in sse_json(streamed.text) if c["choices"] and c["choices"][0]["logprobs"]
     ]
-    completion_offsets = [at for lp in chunks for at in lp["text_offset"]]
-    assert completion_offsets == offsets[len(tok.encode(prompt)) :]  # streamed as in one piece
+    streamed_offsets = [at for lp in chunks for at in lp["text_offset"]]
+    assert streamed_offsets == offsets  # as in one piece, the echoed prompt's tokens first (they had none, before)
+    assert (
+        chunks[0]["token_logprobs"]
+        == [None] * len(tok.encode(prompt))
+        == lp["token_logprobs"][: len(chunks[0]["tokens"])]
+    )
 
 
 def test_completion_shape_usage_and_logprobs(client: TestClient, tok: Tokenizer) -> None:

@@ -247,8 +247,12 @@ async def _completion_chunks(
 
     if body.echo:
         for c in group.choices:
-            offsets[c.index].at = len(prompts[c.index // body.n][0])
-            yield chunk(c.index, prompts[c.index // body.n][0], None, None)
+            prompt_text, prompt_ids = prompts[c.index // body.n]
+            offsets[c.index].at = len(prompt_text)
+            echoed = None  # as the whole answer lists them: the prompt's tokens, without log-probabilities
+            if body.logprobs is not None:
+                echoed = _completion_logprobs(tokenizer, (), _TextOffsets(tokenizer), prompt_ids=prompt_ids)
+            yield chunk(c.index, prompt_text, echoed, None)
 
     def from_event(index: int, event: Any) -> str | None:
         choice: Choice = group.choices[index]
