@@ -699,3 +699,41 @@ def test_the_default_recipe_runs_end_to_end_on_the_built_in_corpus(tinyllm_home,
     )  # fmt: skip
     assert measured.eval is not None and measured.eval.tokens_scored == 64 and measured.eval.bytes > 64
     assert len(measured.samples) == 1 and all(t < 4096 for t in measured.samples[0].token_ids)
+
+
+def _ignore_term_and_sleep() -> None:  # a process that stops only when killed (a rank stuck in a collective)
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(120)
+
+
+def test_after_a_second_ctrl_c_no_spawned_process_outlives_the_parent() -> None:
+    """A rank stuck in a collective used to keep the job (and the parent, joining it at exit) alive for ever."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    stuck, quick = ctx.Process(target=_ignore_term_and_sleep), ctx.Process(target=sum, args=([1, 2],))
+    stuck.start()
+    quick.start()
+    train_mod._end_processes([quick, stuck], grace_s=1.0)
+    assert not stuck.is_alive() and stuck.exitcode == -9  # killed after the grace period
+    assert quick.exitcode == 0  # it ended by itself
+
+
+def test_a_rank_leaving_by_an_exception_skips_the_final_barrier(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its peer may be inside a step's collective, which the barrier would pair with: a hang (double Ctrl-C)."""
+    import torch.distributed as dist
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    monkeypatch.setenv("MASTER_PORT", str(train_mod._free_port()))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    barriers: list[bool] = []
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: barriers.append(True))
+    for finished in (False, True):
+        job = train_mod._Dist("cpu")
+        assert job.owns_group and dist.is_initialized()
+        job.close(finished=finished)
+        assert not dist.is_initialized() and barriers == ([True] if finished else [])

@@ -273,12 +273,18 @@ class _Dist:
         dist.all_gather_object(out, obj)
         return out
 
-    def close(self) -> None:
+    def close(self, *, finished: bool = True) -> None:
+        """Leave the process group. `finished`: the run ended normally on every rank (else this rank is leaving
+        by an exception, e.g. a second Ctrl-C, and its peer may be inside a step's collective)."""
         if self.owns_group and dist.is_initialized():
-            # every rank reaches the end before the group goes away: a rank that tears gloo down while its
-            # peer still talks to it aborts at exit ("terminate called without an active exception")
-            dist.barrier()
-            dist.destroy_process_group()
+            if finished:
+                # every rank reaches the end before the group goes away: a rank that tears gloo down while its
+                # peer still talks to it aborts at exit ("terminate called without an active exception")
+                dist.barrier()
+            # leaving by an exception, a barrier could pair with a peer's step collective and wait for ever (a
+            # double Ctrl-C that one rank saw twice hung the job); the peer's collective fails instead
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -952,6 +958,25 @@ def _stop_signals_to(handle: Callable[[int, Any], None]) -> Any:
             signal.signal(s, h)
 
 
+# After a second Ctrl-C, how long the spawned processes get to stop by themselves before they are killed.
+STOP_GRACE_S = 5.0
+
+
+def _end_processes(processes: Sequence[Any], *, grace_s: float) -> None:
+    """Wait up to `grace_s` for `processes` to exit, then kill the rest (and reap them), so that none is left
+    running and this process's exit does not wait for them."""
+    deadline = time.monotonic() + grace_s
+    try:
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+    finally:  # a third Ctrl-C cuts the wait short, not the kill
+        for process in processes:
+            if process.is_alive():
+                logger.warning("killing training process %d: it did not stop within %.0f s", process.pid, grace_s)
+                process.kill()
+                process.join(5.0)
+
+
 def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
     """Run `train` as `world` DDP processes on this machine (what torchrun --standalone does) and return rank 0's
     result; a process's TinyLLMError comes back as a TrainError with its message, and stops the others."""
@@ -971,6 +996,9 @@ def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
                 pass
     except ProcessException as exc:
         failure = str(exc).strip().splitlines()[-1]
+    except KeyboardInterrupt:  # a second Ctrl-C: the processes stop without saving; none may outlive this one
+        _end_processes(getattr(context, "processes", ()), grace_s=STOP_GRACE_S)
+        raise
     finally:  # a failed process leaves its traceback in a temporary file that torch does not remove
         for path in context.error_files:
             if path:
@@ -1024,6 +1052,7 @@ def _train_here(
     """Train in this process (alone, or as one rank of a torchrun/spawned job). `publish` gets the result
     before the process group is torn down, so a peer that dies in gloo's teardown cannot lose it."""
     job = _Dist(config.device)
+    finished = False
     try:
         run = _Run(config, job, progress=progress)
         if run.progress:
@@ -1033,9 +1062,10 @@ def _train_here(
             result = run.run()
         if publish is not None:
             publish(result)
+        finished = True
         return result
     finally:
-        job.close()
+        job.close(finished=finished)
 
 
 def finetune(*, init_from: str, data: Sequence[str | Path], progress: bool = True, **overrides: Any) -> TrainResult:
