@@ -493,6 +493,9 @@ def test_finetune_from_a_local_gpt2_directory(tmp_path, corpus):
         (dict(processes="all"), "processes must be a positive integer or 'auto'"),
         (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*63\)"),
         (dict(seed=10**20), r"seed must be an integer in \[0, 2\*\*63\)"),
+        (dict(weight_decay=float("nan")), "weight_decay must be a finite number, got nan"),  # trained, then "diverged"
+        (dict(muon_lr=float("inf")), "muon_lr must be a finite number, got inf"),
+        (dict(grad_clip=float("nan")), "grad_clip must be a finite number"),
     ],
 )
 def test_bad_options_raise_one_clear_train_error(fields, message):

@@ -213,6 +213,10 @@ class TrainConfig:
         for name in ("max_minutes", "eval_minutes"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("lr", "muon_lr", "muon_momentum", "muon_weight_decay", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)  # NaN passes every range check below (each comparison is False)
+            if value is not None and (isinstance(value, bool) or not math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:
