@@ -130,6 +130,26 @@ def test_generate_samples_as_the_seed_route_does(tinyllm_home, gpt2_tokenizer, t
     assert printed == served and len(printed) > len("Once upon")
 
 
+def test_generate_says_when_the_context_cut_the_text_short(tinyllm_home, gpt2_tokenizer, tmp_path, caplog):
+    from tinyllm.checkpoint import save_checkpoint
+    from tinyllm.config import ModelConfig
+    from tinyllm.model import GPT
+
+    save_checkpoint(tmp_path / "ckpt", model=GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)))
+    argv = ["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "To be", "--ignore-eos", "--seed", "1"]
+    assert main([*argv, "--max-new-tokens", "40"]) == 0
+    assert "stopped after 14 of --max-new-tokens 40" in caplog.text and "context (16 tokens)" in caplog.text
+    caplog.clear()
+    assert main([*argv, "--max-new-tokens", "4"]) == 0
+    assert "stopped after" not in caplog.text
+
+
+def test_compare_with_nothing_to_compare_is_an_error(tinyllm_home, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no runs/default here
+    assert main(["compare", "--gpt2", "none"]) == 2
+    assert "nothing to compare" in capsys.readouterr().err
+
+
 def test_unknown_command_exits_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["nope"])

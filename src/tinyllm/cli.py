@@ -371,10 +371,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     custom = args.custom
     if custom is None and find_checkpoint("runs/default") is not None:
         custom = "runs/default"
-    elif custom is None:
+    gpt2 = None if args.gpt2 == "none" else args.gpt2
+    if custom is None and gpt2 is None:
+        raise UserError("nothing to compare: give --custom MODEL (or train runs/default first), or a GPT-2 with --gpt2")
+    if custom is None:
         logger.warning("no --custom model and no runs/default checkpoint: showing GPT-2 alone")
     prompts = load_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
-    gpt2 = None if args.gpt2 == "none" else args.gpt2
     results = compare_models(custom=custom, gpt2=gpt2, prompts=prompts, **_eval_kwargs(args))
     _print_results(args, results, run_spec=custom)
     return 0
@@ -502,6 +504,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         (result,) = generate(model, [prompt], params, **options)
         print(args.prompt + (result.text or ""))
     elapsed = time.perf_counter() - start
+    if result.finish_reason == "length" and result.completion_tokens < params.max_new_tokens:
+        logger.warning(
+            "stopped after %d of --max-new-tokens %d: the prompt and the text fill the model's context (%d tokens)",
+            result.completion_tokens,
+            params.max_new_tokens,
+            model.config.block_size,
+        )
     logger.info(
         "%d prompt + %d new tokens in %.2f s (%.1f tokens/s), finish reason: %s%s",
         result.prompt_tokens,
