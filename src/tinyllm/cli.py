@@ -119,7 +119,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
     p.add_argument("--seed", type=_seed, default=1337, help="seed of the train/validation split (1337)")
     p.add_argument(
-        "--tokenizer", default="gpt2", help="gpt2 (default), bpe:N (train an N-token BPE), or a trained tokenizer"
+        "--tokenizer",
+        default="gpt2",
+        help="gpt2 (default), bpe:N (train an N-token BPE; the default recipe uses bpe:4096), or a trained one",
     )
     p.set_defaults(func=_cmd_prepare)
 
