@@ -235,7 +235,7 @@ def test_a_fresh_run_removes_the_earlier_runs_checkpoints(tmp_path, corpus, monk
 def test_a_diverging_run_stops_with_a_clear_error(tmp_path, corpus):
     with pytest.raises(TrainError, match="training diverged at step .*lower --lr"):
         train(tiny(tmp_path, corpus, optimizer="adamw", lr=1e4, warmup_steps=0, max_steps=20), progress=False)
-    with pytest.raises(TrainError, match="lr must be positive and finite"):
+    with pytest.raises(TrainError, match="lr must be a finite number, got inf"):
         train_config(lr=math.inf)
 
 
@@ -740,3 +740,10 @@ def test_a_rank_leaving_by_an_exception_skips_the_final_barrier(monkeypatch: pyt
         assert job.owns_group and dist.is_initialized()
         job.close(finished=finished)
         assert not dist.is_initialized() and barriers == ([True] if finished else [])
+
+
+def test_a_run_dir_that_is_a_file_fails_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("a file")
+    for run_dir, where in ((tmp_path / "notes.txt", "is a file"), (tmp_path / "notes.txt" / "run", "lies under")):
+        with pytest.raises(TrainError, match=where):
+            train(train_config(preset="seed", max_steps=1, run_dir=str(run_dir), data=("missing/*.txt",)))

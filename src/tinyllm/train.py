@@ -1026,6 +1026,17 @@ def _absolute_init(init_from: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(init_from))
 
 
+def _check_run_dir(path: Path) -> None:
+    """A run directory that is a file, or lies under one, fails now (not after the data is prepared, as an OS
+    error); nothing is created."""
+    existing = path.expanduser()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is" if existing == path.expanduser() else f"lies under {existing}, which is"
+        raise TrainError(f"run directory {path} {where} a file, not a folder; pass --run-dir DIR")
+
+
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Train (or fine-tune, with `config.init_from`) until the first budget; return what happened.
 
@@ -1040,6 +1051,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     config = dataclasses.replace(  # the run records them: the same from any directory (evaluate, --resume)
         config, data=absolute_sources(config.data), init_from=_absolute_init(config.init_from)
     )
+    _check_run_dir(Path(config.run_dir))
     world = resolve_processes(config)
     if world > 1:
         return _spawn(config, world, progress=progress)
