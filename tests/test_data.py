@@ -193,3 +193,17 @@ def test_batch_sampler_rejects_short_streams_and_bad_sizes():
         BatchSampler(np.arange(10, dtype=np.uint16), batch_size=1, block_size=10)
     with pytest.raises(ValueError, match="positive"):
         BatchSampler(np.arange(100, dtype=np.uint16), batch_size=0, block_size=10)
+
+
+def test_windows_line_endings_are_read_as_newlines(tinyllm_home, gpt2_tokenizer, tmp_path):
+    """The CRs were kept: the model learned "\r\n" apart from "\n", and samples showed them."""
+    text = "First line of a play\n\nSecond line, then more\nand more words here\n" * 40
+    for name, body in (("lf", text), ("crlf", text.replace("\n", "\r\n")), ("cr", text.replace("\n", "\r"))):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            (tmp_path / name / f"doc{i}.txt").write_bytes(body.encode())
+    prepared = {name: prepare([tmp_path / name], progress=False) for name in ("lf", "crlf", "cr")}
+    tokens = {name: data.tokens("train").tolist() + data.tokens("val").tolist() for name, data in prepared.items()}
+    assert tokens["crlf"] == tokens["lf"] == tokens["cr"]
+    assert "\r" not in gpt2_tokenizer.decode(tokens["crlf"])
+    assert prepared["crlf"].dir != prepared["lf"].dir  # other bytes, other key (and a cache of the CRs is not reused)

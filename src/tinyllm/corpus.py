@@ -130,11 +130,13 @@ def _decode(path: Path, raw: bytes) -> str:
     if b"\x00" in raw[:8192]:
         raise CorpusError(f"{path}: looks like a binary file (NUL bytes); pass UTF-8 text files only")
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CorpusError(
             f"{path}: invalid UTF-8 at byte {exc.start}; convert it to UTF-8 (e.g. `iconv -t utf-8`)"
         ) from None
+    # Windows' CR LF (and old Macs' CR) read as LF, as Python's text files do: the model learns one newline
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
 def iter_documents(source: SourceFile) -> Iterator[Document]:

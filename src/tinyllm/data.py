@@ -104,15 +104,19 @@ def data_cache_dir() -> Path:
 def _content_key(files: Sequence[SourceFile], *, tokenizer: str, val_fraction: float, seed: int) -> str:
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps([FORMAT_VERSION, tokenizer, val_fraction, seed]).encode())
+    carriage_returns = False
     for f in files:
         digest.update(f.doc_id.encode("utf-8", "surrogateescape") + b"\0")
         try:
             with open(f.path, "rb") as fh:
                 for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                     digest.update(block)
+                    carriage_returns = carriage_returns or (not f.is_jsonl and b"\r" in block)
         except OSError as exc:
             raise CorpusError(f"{f.path}: cannot read ({exc.strerror}); check permissions") from None
         digest.update(b"\0")
+    if carriage_returns:  # text files' CR LF are read as LF since: shards cached before kept the CRs
+        digest.update(b"newlines: LF")
     return digest.hexdigest()
 
 
