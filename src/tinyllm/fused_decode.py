@@ -347,7 +347,7 @@ class FusedDecoder:
         cold after every step has streamed the weights through the caches (~0.1 ms a token, measured)."""
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
-        _, out_addr, kv_addr, dims_addr, limit = self._call_args(token, cache, length, out)
+        _, args, limit = self._call_args(token, cache, length, out)
         if length - 1 + count > limit:
             raise ValueError(f"{count} tokens from position {length - 1} pass the context (max {limit})")
         if len(self._burst) < count:
@@ -357,27 +357,14 @@ class FusedDecoder:
             array = (ctypes.c_int64 * len(stop_ids))(*stop_ids)
             self._stops = (tuple(stop_ids), array, ctypes.addressof(array) if stop_ids else 0)
         done = self._many(  # type: ignore[operator]
-            dims_addr,
-            self._pointers_addr,
-            kv_addr,
-            self._scratch_addr,
-            out_addr,
-            token,
-            length - 1,
-            self.eps,
-            self._threads,
-            count,
-            self._stops[2],
-            len(self._stops[0]),
-            self._burst_addr,
-            self._interrupt_addr,
+            *args, count, self._stops[2], len(self._stops[0]), self._burst_addr, self._interrupt_addr
         )
         return self._burst[:done]
 
     def _call_args(
         self, token: int, cache: KVCache, length: int, out: torch.Tensor | None
-    ) -> tuple[torch.Tensor, int, int, int, int]:
-        """Check a call's arguments; the logits tensor and the addresses the C step takes."""
+    ) -> tuple[torch.Tensor, tuple[object, ...], int]:
+        """Check a call's arguments; the logits tensor, the C step's arguments, the context limit."""
         if self._fn is None:
             raise RuntimeError("call warm_up() before decoding")
         # per call only what changes: the checks and addresses of a cache are kept (a step's Python runs cold,
@@ -409,21 +396,11 @@ class FusedDecoder:
                 raise ValueError(f"out must be a contiguous float32 CPU tensor of shape (1, {vocab})")
             logits, self._out, out_addr = out, out, out.data_ptr()
             self._out_addr = out_addr
-        return logits, out_addr, kv_addr, dims_addr, limit
+        args = (dims_addr, self._pointers_addr, kv_addr, self._scratch_addr, out_addr, token, length - 1, self.eps)
+        return logits, (*args, self._threads), limit
 
     def _step(
         self, token: int, cache: KVCache, length: int, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, list[int]]:
-        logits, out_addr, kv_addr, dims_addr, _ = self._call_args(token, cache, length, out)
-        top = self._fn(  # type: ignore[operator]
-            dims_addr,
-            self._pointers_addr,
-            kv_addr,
-            self._scratch_addr,
-            out_addr,
-            token,
-            length - 1,
-            self.eps,
-            self._threads,
-        )
-        return logits, [top]
+        logits, args, _ = self._call_args(token, cache, length, out)
+        return logits, [self._fn(*args)]  # type: ignore[operator]
