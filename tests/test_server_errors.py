@@ -210,6 +210,9 @@ def test_openai_features_not_implemented_are_refused_not_ignored(gpt2_tokenizer:
         ):
             err = _openai_error(client.post(route, json=body), 422)
             assert err["param"] == param and "not supported by this server" in err["message"], (param, err)
+        for ids in ([True, False], [1.0, 2.0], [[True]]):  # were read as token ids 1, 0, 1, 2...
+            err = _openai_error(client.post("/v1/completions", json={"prompt": ids, "max_tokens": 2}), 422)
+            assert err["param"].startswith("prompt"), err
         # their neutral values are fine (clients send them by default)
         neutral = {"logit_bias": {}, "tool_choice": "none", "response_format": {"type": "text"}, "tools": []}
         assert client.post("/v1/chat/completions", json={**chat, **neutral}).status_code == 200

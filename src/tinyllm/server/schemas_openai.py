@@ -102,7 +102,7 @@ class _OpenAIRequest(BaseModel):
 
 # --- completions -------------------------------------------------------------------------------------------------
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, strict=True)]], Field(min_length=1)]  # true or 1.0 is no id
 Prompt = Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
 PromptOrBatch = Prompt | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
 
