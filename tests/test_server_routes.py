@@ -187,8 +187,25 @@ def test_text_offsets_point_into_the_text_across_split_characters(client: TestCl
     )
 
 
+def test_text_offsets_after_a_character_that_never_finishes(tok: Tokenizer) -> None:
+    """A lead byte that no continuation follows decodes as U+FFFD with the next token's text; that token's offset
+    pointed at the U+FFFD (one short), a 1-in-60 failure of the shape test below when it sampled without a seed."""
+    from tinyllm.server.routes_openai import _TextOffsets
+
+    lead, cont = tok.encoding.encode_single_token(b"\xe2"), tok.encoding.encode_single_token(b"\x80")
+    ids = [tok.encode("ab")[0], lead, *tok.encode("inal"), lead, cont, tok.encoding.encode_single_token(b"\x94"), lead]
+    offsets = _TextOffsets(tok)
+    at = [offsets.take(t) for t in ids]
+    text = tok.decode(ids)
+    assert text == "ab\ufffdinal\u2014\ufffd"
+    assert at == [0, 2, 3, 7, 7, 7, 8]  # "inal" after the U+FFFD; the em dash's three tokens at the dash
+    assert text[at[2] :].startswith("inal")
+
+
 def test_completion_shape_usage_and_logprobs(client: TestClient, tok: Tokenizer) -> None:
-    r = client.post("/v1/completions", json={"model": "custom", "prompt": "Hello", "max_tokens": 5, "logprobs": 5})
+    r = client.post(
+        "/v1/completions", json={"model": "custom", "prompt": "Hello", "max_tokens": 5, "logprobs": 5, "seed": 11}
+    )
     assert r.status_code == 200
     body = r.json()
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == "custom"

@@ -196,6 +196,7 @@ def test_a_signal_stops_between_steps_and_resume_is_exact(tmp_path, corpus, monk
         _signal_at(m, 6, getattr(signal_mod, signame))
         stopped = train(tiny(tmp_path, corpus, run_dir=str(tmp_path / "stopped")), progress=False)
     assert (stopped.stopped_by, stopped.steps) == ("interrupted", 6)
+    assert stopped.stop_signal == getattr(signal_mod, signame) and straight.stop_signal is None
     assert load_checkpoint(stopped.last_checkpoint).meta["step"] == 6
     assert signal_mod.getsignal(signal_mod.SIGINT) is signal_mod.default_int_handler  # handlers given back
     resumed = train(tiny(tmp_path, corpus, run_dir=str(tmp_path / "stopped"), resume=True), progress=False)
@@ -747,3 +748,15 @@ def test_a_run_dir_that_is_a_file_fails_before_any_work(tmp_path: Path) -> None:
     for run_dir, where in ((tmp_path / "notes.txt", "is a file"), (tmp_path / "notes.txt" / "run", "lies under")):
         with pytest.raises(TrainError, match=where):
             train(train_config(preset="seed", max_steps=1, run_dir=str(run_dir), data=("missing/*.txt",)))
+
+
+@pytest.mark.parametrize(("signame", "status"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_the_cli_exits_with_the_stopping_signals_usual_status(tmp_path, corpus, monkeypatch, signame, status):
+    """SIGTERM (`kill`, `docker stop`) exited 130, Ctrl-C's status."""
+    import signal as signal_mod
+
+    _signal_at(monkeypatch, 2, getattr(signal_mod, signame))
+    argv = ["train", "--preset", "seed", "--data", str(corpus), "--max-steps", "4", "--batch-size", "2"]
+    argv += ["--block-size", "32", "--run-dir", str(tmp_path / "run"), "--no-progress", "--processes", "1"]
+    assert main(argv) == status
+    assert load_checkpoint(tmp_path / "run" / "last").meta["step"] == 2

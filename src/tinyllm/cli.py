@@ -11,11 +11,16 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tinyllm.errors import TinyLLMError
+
+if TYPE_CHECKING:
+    from tinyllm.train import TrainResult
 
 logger = logging.getLogger("tinyllm")
 
@@ -229,6 +234,13 @@ def _training_fields(args: argparse.Namespace) -> dict:
     return fields
 
 
+def _exit_status(result: TrainResult) -> int:
+    """0, or a stopping signal's usual status (128 + its number: 130 Ctrl-C, 143 SIGTERM), the run saved."""
+    if result.stopped_by != "interrupted":
+        return 0
+    return 128 + int(result.stop_signal or signal.SIGINT)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from tinyllm import train
 
@@ -239,7 +251,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train.train(train.train_config(preset=args.preset, **fields), progress=not args.no_progress)
     if result.rank == 0:
         print(result.summary())
-    return 130 if result.stopped_by == "interrupted" else 0  # a signal's usual exit status, its run saved
+    return _exit_status(result)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -249,7 +261,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     result = train.train(config, progress=not args.no_progress)
     if result.rank == 0:
         print(result.summary())
-    return 130 if result.stopped_by == "interrupted" else 0
+    return _exit_status(result)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

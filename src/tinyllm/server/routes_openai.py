@@ -15,6 +15,7 @@ token with its top alternatives), a final chunk with `finish_reason`, an optiona
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 import uuid
@@ -153,12 +154,16 @@ class _TextOffsets:
     token's offset starts with the character its bytes belong to)."""
 
     def __init__(self, tokenizer: Tokenizer, start: int = 0) -> None:
-        self._decoder = tokenizer.incremental_decoder()
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # as the text's decoder
         self.at = start
 
     def take(self, token: int) -> int:
+        raw = self._tokenizer.token_bytes(token)
         at = self.at
-        self.at += len(self._decoder.add(token))
+        if self._utf8.getstate()[0] and raw and not 0x80 <= raw[0] <= 0xBF:
+            at += 1  # an earlier token's character never finished: its U+FFFD, which this token's text begins with
+        self.at += len(self._utf8.decode(raw))
         return at
 
 
