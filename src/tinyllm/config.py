@@ -217,8 +217,8 @@ class TrainConfig:
             value = getattr(self, name)  # NaN passes every range check below (each comparison is False)
             if value is not None and (isinstance(value, bool) or not math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if not self.muon_lr > 0 or not 0 <= self.muon_momentum < 1 or not self.muon_weight_decay >= 0:

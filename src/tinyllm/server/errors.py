@@ -36,6 +36,7 @@ class APIError(TinyLLMError):
 
     status: int = 400
     type: str = "invalid_request_error"
+    code: str | None = None
 
     def __init__(
         self,
@@ -49,7 +50,8 @@ class APIError(TinyLLMError):
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code
+        if code is not None:
+            self.code = code
         if status is not None:
             self.status = status
         self.headers = dict(headers or {})
@@ -64,10 +66,7 @@ class NotFoundError(APIError):
 
 
 class PayloadTooLargeError(APIError):
-    status = 413
-
-    def __init__(self, message: str, **kwargs: Any) -> None:
-        super().__init__(message, **{**kwargs, "code": kwargs.get("code") or "request_too_large"})
+    status, code = 413, "request_too_large"
 
 
 class OverloadedError(APIError):
