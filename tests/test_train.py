@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -257,6 +258,14 @@ def test_max_minutes_stops_within_the_wall_clock_budget(tmp_path, corpus):
     assert result.stopped_by == "max_minutes"
     assert result.seconds <= budget_s + 1.0  # the final evaluation and checkpoint are inside the budget
     assert load_checkpoint(result.last_checkpoint).meta["step"] == result.steps
+
+
+def test_a_budget_spent_before_the_first_step_warns_that_the_model_is_untrained(tmp_path, corpus, caplog):
+    cfg = tiny(tmp_path, corpus, max_steps=None, max_minutes=1e-6, eval_interval=1000)
+    with caplog.at_level(logging.WARNING, logger="tinyllm.train"):
+        result = train(cfg, progress=False)
+    assert (result.steps, result.stopped_by) == (0, "max_minutes")
+    assert "ran out before the first step" in caplog.text and "untrained" in caplog.text
 
 
 def test_with_a_time_budget_the_lr_schedule_and_evaluations_follow_the_clock(tmp_path, corpus, monkeypatch):

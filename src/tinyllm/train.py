@@ -870,6 +870,13 @@ class _Run:
                 }
             )
             logger.info("%s", result.summary())
+            if self.step == 0 and reason == "max_minutes":
+                logger.warning(
+                    "the time budget (--max-minutes %g) ran out before the first step (the step-0 evaluation took "
+                    "%.1f s): the saved model is untrained; raise --max-minutes or set --max-steps",
+                    self.max_seconds / 60 if self.max_seconds is not None else math.nan,
+                    self.reserve,
+                )
         return result
 
 
