@@ -349,3 +349,73 @@ def test_page_key_box_numbers_truncation_and_focus(live_server: LiveServer, brow
         raise
     finally:
         context.close()
+
+
+def test_page_reports_failures_as_failures(live_server: LiveServer, browser) -> None:
+    """Found by an exploratory pass: a run whose requests all failed said "Done in 0.0 s"; "1e" in a number field
+    was sent as nothing (the server's defaults); a stream cut short showed as done; a proxy's HTML error page was
+    shown as markup; the GPT-2 title claimed 124M whatever was loaded."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    expect.set_options(timeout=60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(live_server.url + "/")
+        expect(page.locator("#api-key-box")).to_have_attribute("open", "")  # the first 401 opens it
+        page.fill("#api-key", API_KEY)
+        custom, gpt2 = page.locator("#panel-custom"), page.locator("#panel-gpt2")
+        expect(page.locator("#title-custom .hint")).to_have_text(re.compile(r"^trained here, [\d.]+[KM] parameters$"))
+        expect(page.locator("#title-gpt2 .hint")).to_have_text("pretrained")  # not loaded: no size to claim
+
+        # A prompt longer than the context (512 here): the count says so before anything is sent...
+        page.fill("#prompt", "word " * 600)
+        expect(page.locator("#token-count")).to_contain_text("longer than the custom model's context (512 tokens")
+        # ...and the run fails in both panels (400 and 503), which the status line says, in red.
+        page.click("#generate")
+        expect(custom.locator('[data-role="notice"]')).to_contain_text("Error 400")
+        expect(custom.locator('[data-role="notice"]')).to_contain_text("Cut long prompts to fit")
+        expect(page.locator("#form-status")).to_have_text("Neither model answered: see the panels.")
+        expect(page.locator("#form-status")).to_have_class(re.compile(r"\berror\b"))
+
+        # Text the browser cannot read as a number, and values out of range, are named before anything is sent.
+        page.fill("#prompt", PROMPT)
+        page.fill("#temperature", "")
+        page.locator("#temperature").press_sequentially("1e")
+        page.click("#generate")
+        expect(page.locator("#form-status")).to_have_text("Temperature is not a number.")
+        expect(page.locator("#temperature")).to_be_focused()
+        page.fill("#temperature", "5")
+        page.click("#generate")
+        expect(page.locator("#form-status")).to_have_text("Temperature must be between 0 and 2.")
+        page.fill("#temperature", "0.8")
+
+        # A stream that stops without a finish reason, and a proxy's HTML error page.
+        def cut_short(route) -> None:  # noqa: ANN001
+            chunk = '{"id":"x","object":"text_completion","choices":[{"index":0,"text":" hi","finish_reason":null}]}'
+            route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=f"data: {chunk}\n\n")
+
+        page.route("**/v1/completions", cut_short)
+        page.click("#generate")
+        expect(custom.locator('[data-stat="finish"]')).to_have_text("interrupted")
+        expect(custom.locator('[data-role="badge"]')).to_have_text("interrupted")
+        expect(custom.locator('[data-role="notice"]')).to_contain_text("the connection closed")
+        page.unroute("**/v1/completions")
+        page.route(
+            "**/v1/completions",
+            lambda route: route.fulfill(status=502, content_type="text/html", body="<html><b>bad gateway</b></html>"),
+        )
+        page.click("#generate")
+        expect(gpt2.locator('[data-role="notice"]')).to_contain_text("Error 502")
+        assert "<html>" not in gpt2.locator('[data-role="notice"]').inner_text()
+        page.unroute("**/v1/completions")
+        assert errors == []
+    except Exception:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-failures-failure.png"), full_page=True)
+        raise
+    finally:
+        context.close()

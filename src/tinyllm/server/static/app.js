@@ -70,7 +70,20 @@ async function errorMessage(response) {
   } catch {
     /* not JSON */
   }
-  return text.trim() || `${response.status} ${response.statusText}`;
+  const plain = text.trim();
+  // a proxy's HTML error page, or a long body, says less than the status line
+  const statusLine = `${response.status} ${response.statusText}`.trim();
+  if (!plain || plain.startsWith("<") || plain.length > 300) return statusLine;
+  return plain;
+}
+
+/** What a failed fetch means to the user: fetch() and a body read fail with a TypeError when the connection does
+ * ("Failed to fetch", "network error", "Load failed" depending on the browser). */
+function networkMessage(error, { midStream = false } = {}) {
+  if (!(error instanceof TypeError)) return `Error: ${error.message}`;
+  return midStream
+    ? `Lost the connection to the server (${error.message}).`
+    : `Cannot reach the server: is it running? (${error.message})`;
 }
 
 /** Flag the API-key box; it opens when a key first turns out to be needed, not on every 401 after (it would
@@ -120,7 +133,29 @@ function readiness(body, model) {
   if (typeof entry === "string") return { loaded: entry === "ready", state: entry, reason: null };
   const state = entry.state ?? entry.status ?? (entry.loaded ?? entry.ready ? "ready" : "unavailable");
   const loaded = state === "ready" || state === "loaded";
-  return { loaded, state, reason: entry.error ?? entry.reason ?? entry.detail ?? entry.message ?? null };
+  return {
+    loaded,
+    state,
+    reason: entry.error ?? entry.reason ?? entry.detail ?? entry.message ?? null,
+    parameters: entry.parameters ?? null,
+    context: entry.context_length ?? null,
+  };
+}
+
+const contexts = {}; // model -> its context length in tokens, from /ready
+
+/** 124M, 6.8M, 85K: a parameter count as model cards write it. */
+function parameterCount(n) {
+  const [value, unit] = n >= 1e9 ? [n / 1e9, "B"] : n >= 1e6 ? [n / 1e6, "M"] : [n / 1e3, "K"];
+  return `${value >= 10 ? Math.round(value) : value.toFixed(1)}${unit}`;
+}
+
+/** The panel title's hint: where the model comes from, and its size once /ready has said it. */
+function setModelFacts(model, state) {
+  const hint = $(`#title-${model} .hint`);
+  const origin = model === "custom" ? "trained here" : "pretrained";
+  hint.textContent = state?.parameters ? `${origin}, ${parameterCount(state.parameters)} parameters` : origin;
+  if (state?.context) contexts[model] = state.context;
 }
 
 function setBadge(model, text, kind) {
@@ -157,6 +192,7 @@ async function refreshReady() {
       panel.notice.dataset.source = "ready";
     };
     const state = body && readiness(body, model);
+    if (state) setModelFacts(model, state);
     if (response.status === 401) {
       setBadge(model, "API key needed", "bad");
     } else if (!state) {
@@ -239,7 +275,7 @@ async function tokenize() {
     }
     body = await response.json();
   } catch (error) {
-    if (error.name !== "AbortError") els.tokenCount.textContent = `Tokenizer unavailable: ${error.message}`;
+    if (error.name !== "AbortError") els.tokenCount.textContent = `Tokenizer unavailable: ${networkMessage(error)}`;
     return;
   }
   const ids = body.ids || [];
@@ -267,27 +303,46 @@ async function tokenize() {
   }
   els.chips.replaceChildren(...chips);
   const chars = [...text].length;
-  els.tokenCount.textContent = `${ids.length} token${ids.length === 1 ? "" : "s"} · ${chars} characters`;
+  let count = `${ids.length} token${ids.length === 1 ? "" : "s"} · ${chars} characters`;
+  const context = contexts[body.model];
+  if (context && ids.length > context - 1) {
+    count +=
+      ` · longer than the ${body.model} model's context (${context} tokens, 1 kept to generate):` +
+      " tick “Cut long prompts to fit” or shorten it";
+  }
+  els.tokenCount.textContent = count;
 }
 
 // --- generation ----------------------------------------------------------------------------------
 
 const INTEGER_FIELDS = ["max_tokens", "top_k", "seed"];
 
+/** A sampling field's value; a blank field takes the page's default (the seed's default is blank: random). */
 function number(id) {
   const input = document.getElementById(id);
-  if (input.value.trim() === "" || input.disabled) return undefined;
-  const value = Number(input.value); // "1e2" is 100 (parseInt read 1)
+  const text = input.value.trim() === "" ? input.defaultValue : input.value;
+  if (text.trim() === "" || input.disabled) return undefined;
+  const value = Number(text); // "1e2" is 100 (parseInt read 1)
   return Number.isFinite(value) ? value : undefined;
 }
 
-/** The first integer field holding something else (2.7, 1e20, a seed past 2^53), with why; else null. */
-function badIntegerField() {
-  for (const id of INTEGER_FIELDS) {
-    const value = number(id);
-    if (value !== undefined && !Number.isSafeInteger(value)) {
-      const label = document.querySelector(`label[for="${id}"]`)?.firstChild?.textContent.trim() || id;
-      return { id, message: `${label} must be a whole number up to ${Number.MAX_SAFE_INTEGER}.` };
+/** The first sampling field the server would refuse or misread, with why; else null. The browser gives "" for
+ * text it cannot read as a number ("1e", "--1"): that is an error here, not a blank field. */
+function badField() {
+  for (const input of document.querySelectorAll(".controls input[type=number]")) {
+    const label = document.querySelector(`label[for="${input.id}"]`)?.firstChild?.textContent.trim() || input.id;
+    if (input.validity.badInput) return { input, message: `${label} is not a number.` };
+    const value = number(input.id);
+    if (value === undefined) continue;
+    if (INTEGER_FIELDS.includes(input.id) && !Number.isSafeInteger(value)) {
+      const most = input.max || Number.MAX_SAFE_INTEGER;
+      return { input, message: `${label} must be a whole number up to ${most}.` };
+    }
+    const min = input.min === "" ? -Infinity : Number(input.min);
+    const max = input.max === "" ? Infinity : Number(input.max);
+    if (value < min || value > max) {
+      const range = Number.isFinite(max) ? `between ${input.min} and ${input.max}` : `at least ${input.min}`;
+      return { input, message: `${label} must be ${range}.` };
     }
   }
   return null;
@@ -342,6 +397,7 @@ async function runModel(model, signal) {
   resetPanel(model);
   setBadge(model, "generating…", "busy");
   panel.output.classList.add("streaming");
+  panel.output.setAttribute("aria-busy", "true"); // read out once complete, not token by token
   const t0 = performance.now();
   let tFirst = 0;
   let tLast = 0;
@@ -412,10 +468,11 @@ async function runModel(model, signal) {
         setBadge(model, "not loaded", "bad");
         finish = "not loaded";
       } else {
-        setNotice(model, `Error ${response.status}: ${message}`, { error: true });
+        const hint = /allow truncation/.test(message) ? " (tick “Cut long prompts to fit”)" : "";
+        setNotice(model, `Error ${response.status}: ${message}${hint}`, { error: true });
         finish = "error";
       }
-      return;
+      return finish;
     }
     markKeyNeeded(false);
     for await (const chunk of sseEvents(response)) {
@@ -445,21 +502,27 @@ async function runModel(model, signal) {
       panel.output.append(cut);
       pending = [];
     }
-    finish ??= "end of stream";
+    if (!finish) {
+      // neither a finish reason nor an error: the connection closed early (a proxy, a restart)
+      setNotice(model, "The stream ended before the model finished: the connection closed.", { error: true });
+      finish = "interrupted";
+    }
   } catch (error) {
     if (error.name === "AbortError") {
       finish = "stopped";
     } else {
-      setNotice(model, `Error: ${error.message}`, { error: true });
+      setNotice(model, networkMessage(error, { midStream: Boolean(tFirst) }), { error: true });
       finish = "error";
+      if (error instanceof TypeError) pollReadySoon(); // the badges say "server unreachable" soon, not in 15 s
     }
   } finally {
     panel.output.classList.remove("streaming");
+    panel.output.removeAttribute("aria-busy");
     showStats();
     panel.stat("finish").textContent = finish ?? "–";
     if (finish === "not loaded") setBadge(model, "not loaded", "bad");
     else if (finish === "loading") setBadge(model, "loading…", "busy");
-    else if (finish === "error" || finish === "unauthorized") setBadge(model, finish, "bad");
+    else if (["error", "unauthorized", "interrupted"].includes(finish)) setBadge(model, finish, "bad");
     else setBadge(model, finish === "stopped" ? "stopped" : "done", finish === "stopped" ? "" : "ok");
     const first = panel.output.querySelector(".tok");
     if (first) first.tabIndex = els.showProbs.checked ? 0 : -1;
@@ -476,8 +539,8 @@ function formError(message, field) {
 async function generate() {
   if (running) return;
   if (!els.prompt.value) return formError("Type a prompt first.", els.prompt);
-  const bad = badIntegerField();
-  if (bad) return formError(bad.message, document.getElementById(bad.id));
+  const bad = badField();
+  if (bad) return formError(bad.message, bad.input);
   const controller = new AbortController();
   running = { controller };
   hidePopover();
@@ -495,7 +558,7 @@ async function generate() {
   els.stop.disabled = true;
   if (hadFocus && stopHadFocus) els.generate.focus();
   const seconds = ((performance.now() - t0) / 1000).toFixed(1);
-  const failed = finishes.every((f) => ["error", "unauthorized", "not loaded", "loading"].includes(f));
+  const failed = finishes.every((f) => ["error", "unauthorized", "not loaded", "loading", "interrupted"].includes(f));
   els.formStatus.classList.toggle("error", failed && !controller.signal.aborted);
   els.formStatus.textContent = controller.signal.aborted
     ? `Stopped after ${seconds} s.`
