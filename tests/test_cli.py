@@ -148,6 +148,10 @@ def test_compare_with_nothing_to_compare_is_an_error(tinyllm_home, tmp_path, mon
     monkeypatch.chdir(tmp_path)  # no runs/default here
     assert main(["compare", "--gpt2", "none"]) == 2
     assert "nothing to compare" in capsys.readouterr().err
+    # GPT-2 alone, and its weights are not there: an error too, not an empty comparison that exits 0
+    assert main(["compare", "--gpt2", str(tmp_path / "no-gpt2-here")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to compare: GPT-2 is unavailable" in err and "no-gpt2-here" in err
 
 
 def test_unknown_command_exits_2(capsys):

@@ -115,6 +115,8 @@ def test_defaults_and_max_tokens():
         (dict(context=8, stride=9), "stride must be in"),
         (dict(num_bytes=0), "bytes"),
         (dict(max_tokens=0), "max_tokens"),
+        (dict(context=0), "context must be a positive number"),  # not the default in disguise
+        (dict(context=8, stride=0), "stride must be in"),
     ],
 )
 def test_bad_settings_are_user_errors(kwargs, message):
@@ -380,3 +382,71 @@ def test_a_model_with_nan_weights_reports_without_crashing(tiny_checkpoint, tmp_
     body = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert body["models"][0]["eval"]["bits_per_byte"] is None
     assert (tmp_path / "report" / "bits_per_byte.png").exists()
+
+
+# --- which text is held out ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_on_a_folder(tinyllm_home, gpt2_tokenizer, tmp_path):
+    """A checkpoint recorded as trained on a folder of 10 documents (its metadata as training writes it)."""
+    from tinyllm.checkpoint import save_checkpoint
+    from tinyllm.data import prepare
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        (corpus / f"doc{i}.txt").write_text(f"Document number {i} says something of its own, {i * 7} times.\n")
+    data = prepare([corpus], val_fraction=0.1, progress=False)
+    meta = {
+        "tokenizer": "gpt2",
+        "train_config": {"data": [str(corpus)], "val_fraction": 0.1},
+        "data_sources": data.meta["sources"],
+        "data_split": {k: data.meta[k] for k in ("seed", "val_threshold", "documents")},
+    }
+    run = save_checkpoint(tmp_path / "run" / "best", model=tiny_gpt(vocab_size=gpt2_tokenizer.vocab_size), meta=meta)
+    return run.parent, corpus, data
+
+
+def _val_text(data) -> str:  # noqa: ANN001
+    from tinyllm.tokenizer import get_tokenizer
+
+    return get_tokenizer().decode([int(t) for t in data.tokens("val")])
+
+
+def test_after_documents_are_added_the_documents_held_out_in_training_are_scored(run_on_a_folder, caplog):
+    run, corpus, then = run_on_a_folder
+    assert ev.training_heldout(run).dir == then.dir and "changed" not in caplog.text  # unchanged: the same shards
+    for i in (0, 4, 6, 7, 8, 9):  # names whose hashes fall above the held-out ones: none is held out now
+        (corpus / f"added{i}.txt").write_text(f"An added document, number {i}, with words of its own.\n")
+    now = ev.training_heldout(run)
+    assert "training data changed since it was trained (10 documents then, 16 now)" in caplog.text
+    assert _val_text(now) == _val_text(then) and now.meta["splits"]["val"]["documents"] == 1
+    # on its own, the grown corpus holds out two documents: the one held out in training and one trained on
+    from tinyllm.data import prepare
+
+    fresh = prepare([corpus], val_fraction=0.1, progress=False)
+    assert fresh.meta["splits"]["val"]["documents"] == 2
+    assert _val_text(then) in _val_text(fresh) and "added" not in _val_text(fresh)
+
+
+def test_scoring_the_training_folder_warns_that_it_is_not_held_out(run_on_a_folder, caplog):
+    run, corpus, then = run_on_a_folder
+    seen = ev.trained_on(run, [corpus])
+    assert len(seen) == 9 and all(s.startswith("corpus/doc") for s in seen)
+    assert not any(f"{s.split('/')[-1].removesuffix('.txt')} says" in _val_text(then) for s in seen)
+    ev.measure_model("custom", str(run), data=[corpus], device="cpu", max_tokens=8)  # evaluate's and compare's
+    assert "9 of the documents given are in" in caplog.text and "not a held-out score" in caplog.text
+    caplog.clear()
+    held = next(p for p in corpus.iterdir() if f"corpus/{p.name}" not in seen)
+    ev.evaluate_model(str(run), data=[held], device="cpu", max_tokens=8)
+    assert "not a held-out score" not in caplog.text
+
+
+def test_a_run_whose_data_is_gone_says_so(run_on_a_folder):
+    import shutil
+
+    run, corpus, _ = run_on_a_folder
+    shutil.rmtree(corpus)
+    with pytest.raises(EvaluationError, match=r"the data .* was trained on cannot be read now .* pass --data"):
+        ev.training_heldout(run)

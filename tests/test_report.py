@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -100,3 +101,34 @@ def test_report_without_metrics_draws_no_repetition_plot(tmp_path):
     md = path.read_text()
     assert "GPT-2 unavailable" in md and REPETITION_PLOT not in md and BPB_PLOT not in md
     assert not (tmp_path / "r" / REPETITION_PLOT).exists()
+
+
+def test_best_val_loss_is_trainings_never_the_step_0_evaluation(tmp_path):
+    """A fine-tune that only got worse: the step-0 evaluation (the starting weights) scored best, but best/ holds
+    the best evaluation after training began, and the report must name that one."""
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [
+        {"event": "eval", "step": 0, "val_loss": 3.16, "best": False},
+        {"event": "eval", "step": 2, "val_loss": 5.2, "best": True},
+        {"event": "eval", "step": 4, "val_loss": 4.93, "best": True},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert "| best val loss | 4.9300 |" in write_report(tmp_path / "r1", run_dir=run).read_text()  # mid-run
+    end = {"event": "end", "step": 4, "best_val_loss": 4.93, "best_val_bpb": 2.1}
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(end) + "\n")
+    assert "| best val loss | 4.9300 |" in write_report(tmp_path / "r2", run_dir=run).read_text()
+
+
+def test_a_torn_metrics_file_and_a_nan_score_still_make_a_strict_report(tmp_path):
+    run = _run_dir(tmp_path)
+    with (run / "metrics.jsonl").open("ab") as f:
+        f.write(b"\xff\xfe\x00garbage\n")  # a write cut off mid-character, or another program's bytes
+    broken = _results()
+    broken[0].eval = dataclasses.replace(broken[0].eval, bits_per_byte=float("nan"))
+    out = tmp_path / "report"
+    md = write_report(out, run_dir=run, results=broken).read_text()
+    assert "| best val loss | 6.5000 |" in md
+    results = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert results["models"][0]["eval"]["bits_per_byte"] is None

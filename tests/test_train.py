@@ -465,6 +465,10 @@ def test_a_finetune_resumes_whatever_the_spelling_of_its_starting_point(tmp_path
     monkeypatch.chdir(tmp_path / "elsewhere")
     resumed = finetune(init_from="../base", progress=False, **{**fields, "max_steps": 3, "resume": True})
     assert resumed.steps == 3
+    shutil.rmtree(tmp_path / "base")  # last/ holds all a resume needs: the same options, as typed, still resume
+    monkeypatch.chdir(tmp_path)
+    again = finetune(init_from="base", progress=False, **{**fields, "max_steps": 4, "resume": True})
+    assert again.steps == 4
 
 
 def test_finetune_from_a_local_gpt2_directory(tmp_path, corpus):
@@ -520,6 +524,32 @@ def test_missing_data_and_too_small_budgets_fail_clearly(tmp_path, corpus):
         train(tiny(tmp_path, corpus, max_steps=None, max_tokens=100), progress=False)
     with pytest.raises(TrainError, match="fine-tuning needs data"):
         finetune(init_from="gpt2", data=[])
+
+
+def test_a_finetune_that_only_made_things_worse_says_so(tmp_path, corpus, caplog):
+    """Step 0 (the starting weights) never counts as best, so best/ can hold a worse model than --from."""
+    train(tiny(tmp_path, corpus, run_dir=str(tmp_path / "base")), progress=False)
+    fields = dict(data=[corpus], val_fraction=0.25, batch_size=4, warmup_steps=0, max_steps=2, eval_interval=2,
+                  eval_iters=2, device="cpu", max_minutes=None, optimizer="adamw", sample_tokens=2)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="tinyllm.train"):
+        bad = finetune(init_from=str(tmp_path / "base"), lr=2.0, run_dir=str(tmp_path / "bad"), **fields)
+    assert "no evaluation beat the starting model" in caplog.text and "lower --lr (now 2)" in caplog.text
+    assert bad.best_val_loss > records(tmp_path / "bad")[0]["val_loss"]  # the step-0 evaluation
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tinyllm.train"):
+        finetune(init_from=str(tmp_path / "base"), lr=3e-3, run_dir=str(tmp_path / "good"), **fields)
+    assert "no evaluation beat" not in caplog.text
+
+
+def test_a_finetune_may_not_write_over_the_checkpoint_it_starts_from(tmp_path, corpus):
+    """`finetune --from X --run-dir X --overwrite` deleted X before loading it."""
+    from tinyllm.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "base" / "best", model=GPT(TINY))
+    for start in ("base", "base/best"):
+        with pytest.raises(TrainError, match="lies in --run-dir"):
+            finetune(init_from=str(tmp_path / start), data=[corpus], run_dir=str(tmp_path / "base"), overwrite=True)
+    assert (tmp_path / "base" / "best" / "model.safetensors").is_file()
 
 
 def test_a_run_of_another_recipe_is_not_replaced_without_overwrite(tmp_path, corpus, monkeypatch):

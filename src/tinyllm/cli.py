@@ -336,36 +336,26 @@ def _eval_kwargs(args: argparse.Namespace) -> dict:
     )  # fmt: skip
 
 
-def _finite(value: object) -> object:
-    """`value` with NaN and infinities (not JSON) as None, through dicts and lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _print_results(args: argparse.Namespace, results: list, *, run_spec: str | None) -> None:
+    """The results on stdout, then the report (so a report that cannot be written loses no numbers)."""
     from pathlib import Path
 
-    from tinyllm.report import text_summary, write_report
+    from tinyllm.report import finite, text_summary, write_report
 
+    for r in results:
+        if r.eval is not None and not math.isfinite(r.eval.bits_per_byte):
+            logger.warning("%s scores %s bits per byte: its weights hold NaN or inf", r.name, r.eval.bits_per_byte)
+    if args.json:  # strict JSON: a broken model's NaN is null
+        print(json.dumps({"models": [finite(r.to_dict()) for r in results]}, indent=2, ensure_ascii=False))
+    else:
+        print(text_summary(results), end="")
     if args.report:
+        sys.stdout.flush()
         run_dir = None
         if run_spec and Path(run_spec).is_dir():  # a run directory, or its best/ or last/ checkpoint
             candidates = (Path(run_spec), Path(run_spec).parent)
             run_dir = next((d for d in candidates if (d / "metrics.jsonl").is_file()), None)
         report = write_report(args.report, run_dir=run_dir, results=results)
-    for r in results:
-        if r.eval is not None and not math.isfinite(r.eval.bits_per_byte):
-            logger.warning("%s scores %s bits per byte: its weights hold NaN or inf", r.name, r.eval.bits_per_byte)
-    if args.json:  # strict JSON: a broken model's NaN is null
-        print(json.dumps({"models": [_finite(r.to_dict()) for r in results]}, indent=2, ensure_ascii=False))
-    else:
-        print(text_summary(results), end="")
-    if args.report:
         print(f"report: {report}", file=sys.stderr if args.json else sys.stdout)
 
 
@@ -392,6 +382,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         logger.warning("no --custom model and no runs/default checkpoint: showing GPT-2 alone")
     prompts = load_prompts(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
     results = compare_models(custom=custom, gpt2=gpt2, prompts=prompts, **_eval_kwargs(args))
+    if all(r.unavailable for r in results):  # GPT-2 alone, and it could not load: nothing was compared
+        raise UserError(f"nothing to compare: GPT-2 is unavailable ({results[0].unavailable}) and there is no --custom")
     _print_results(args, results, run_spec=custom)
     return 0
 

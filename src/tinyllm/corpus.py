@@ -206,15 +206,20 @@ class Split:
         return doc_hash(doc_id, self.seed) <= self.threshold
 
 
-def make_split(doc_ids: Iterable[str], *, val_fraction: float, seed: int) -> Split:
+def make_split(doc_ids: Iterable[str], *, val_fraction: float, seed: int, threshold: int | None = None) -> Split:
     """Hold out round(val_fraction * N) documents (at least one when N >= 2), chosen by seeded hash.
 
+    `threshold` holds out instead the documents whose hash is at most it: an earlier split's (`Split.threshold`),
+    which keeps its held-out documents held out, and its training documents in training, after the corpus grew.
     Only the 8-byte hashes are kept, so a corpus of millions of documents splits in bounded memory.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise CorpusError(f"val_fraction must be in [0, 1), got {val_fraction}")
     hashes = np.fromiter((doc_hash(d, seed) for d in doc_ids), dtype=np.uint64)
     n = len(hashes)
+    if threshold is not None:
+        num_val = int(np.count_nonzero(hashes <= np.uint64(threshold))) if threshold >= 0 else 0
+        return Split(seed=seed, threshold=threshold, num_documents=n, num_val=num_val)
     num_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, round(val_fraction * n)))
     threshold = -1 if num_val == 0 else int(np.partition(hashes, num_val - 1)[num_val - 1])
     return Split(seed=seed, threshold=threshold, num_documents=n, num_val=num_val)

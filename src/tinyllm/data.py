@@ -101,9 +101,13 @@ def data_cache_dir() -> Path:
     return assets.tinyllm_home() / "data"
 
 
-def _content_key(files: Sequence[SourceFile], *, tokenizer: str, val_fraction: float, seed: int) -> str:
+def _content_key(
+    files: Sequence[SourceFile], *, tokenizer: str, val_fraction: float, seed: int, val_threshold: int | None = None
+) -> str:
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps([FORMAT_VERSION, tokenizer, val_fraction, seed]).encode())
+    if val_threshold is not None:  # a recorded split: other shards than val_fraction's (whose keys stay as they were)
+        digest.update(f"val_threshold: {val_threshold}".encode())
     carriage_returns = False
     for f in files:
         digest.update(f.doc_id.encode("utf-8", "surrogateescape") + b"\0")
@@ -208,6 +212,7 @@ def prepare(
     num_threads: int | None = None,
     min_tokens: int = 0,
     progress: bool = True,
+    val_threshold: int | None = None,
 ) -> PreparedData:
     """Tokenize a corpus (None: the built-in one) into cached shards and return them.
 
@@ -220,12 +225,14 @@ def prepare(
         num_threads: tokenizer threads (default: every core).
         min_tokens: fail clearly if the training split has fewer tokens (e.g. one context window + 1).
         progress: show a progress bar.
+        val_threshold: hold out the documents an earlier split held out (its meta's `val_threshold`) instead of
+            `val_fraction` of them: after documents were added, the same held-out documents.
     """
     files = resolve_sources(sources)
     tok = tokenizer_for(tokenizer, sources, val_fraction=val_fraction, seed=seed)
     if tok.vocab_size > 65536:
         raise CorpusError(f"tokenizer {tokenizer} has {tok.vocab_size} tokens; uint16 shards hold at most 65536")
-    key = _content_key(files, tokenizer=tok.name, val_fraction=val_fraction, seed=seed)
+    key = _content_key(files, tokenizer=tok.name, val_fraction=val_fraction, seed=seed, val_threshold=val_threshold)
     root = Path(cache_dir) if cache_dir else data_cache_dir()
     target = root / key
     if (target / "meta.json").exists():
@@ -233,7 +240,8 @@ def prepare(
         data = PreparedData.load(target)
     else:
         data = _build(files, target, tok=tok, val_fraction=val_fraction, seed=seed, key=key,
-                      num_threads=num_threads or os.cpu_count() or 1, progress=progress)  # fmt: skip
+                      num_threads=num_threads or os.cpu_count() or 1, progress=progress,
+                      val_threshold=val_threshold)  # fmt: skip
     if data.num_tokens("train") < min_tokens:
         raise CorpusError(
             f"the training split has {data.num_tokens('train')} tokens, fewer than the {min_tokens} one context "
@@ -265,9 +273,11 @@ def _build(
     key: str,
     num_threads: int,
     progress: bool,
+    val_threshold: int | None = None,
 ) -> PreparedData:
     started = time.perf_counter()
-    split = make_split((d for f in files for d in iter_document_ids(f)), val_fraction=val_fraction, seed=seed)
+    ids = (d for f in files for d in iter_document_ids(f))
+    split = make_split(ids, val_fraction=val_fraction, seed=seed, threshold=val_threshold)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
@@ -302,6 +312,8 @@ def _build(
             "seed": seed,
             "val_fraction": val_fraction,
             "content_hash": key,
+            "val_threshold": split.threshold,  # which documents are held out (see `make_split`)
+            "documents": split.num_documents,
             "sources": sorted({f.doc_id.split("/", 1)[0] if "/" in f.doc_id else str(f.path) for f in files}),
             "files": len(files),
             "splits": {

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from tinyllm.corpus import CorpusError
 from tinyllm.data import PreparedData
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
@@ -139,12 +140,12 @@ def evaluate_tokens(
     if arr.ndim != 1 or len(arr) < 2:
         raise EvaluationError(f"need a 1-D stream of at least 2 tokens to score, got shape {arr.shape}")
     block_size = getattr(getattr(model, "config", None), "block_size", None)
-    context = context or block_size
+    context = block_size if context is None else context
     if context is None or context < 1:
         raise EvaluationError("context must be a positive number of tokens (the model has no block_size)")
     if block_size is not None and context > block_size:
         raise EvaluationError(f"context {context} is longer than the model's block_size {block_size}")
-    stride = stride or max(1, context // 2)
+    stride = max(1, context // 2) if stride is None else stride
     if not 1 <= stride <= context:
         raise EvaluationError(f"stride must be in [1, context={context}], got {stride}")
     nbytes = int(num_bytes(arr) if callable(num_bytes) else num_bytes)
@@ -232,7 +233,8 @@ def held_out_stream(
         for doc in iter_documents(source):
             ids += tokenizer.encode(doc.text) + [eot]
             nbytes += len(doc.text.encode("utf-8"))
-    return np.asarray(ids, dtype=np.int64), nbytes, ", ".join(names)
+    more = f" and {len(names) - 3} more files" if len(names) > 4 else ""
+    return np.asarray(ids, dtype=np.int64), nbytes, ", ".join(names[:3] if more else names) + more
 
 
 def _retokenize(stream: np.ndarray, source: Tokenizer, target: Tokenizer) -> np.ndarray:
@@ -250,20 +252,105 @@ def _retokenize(stream: np.ndarray, source: Tokenizer, target: Tokenizer) -> np.
     return np.concatenate(ids)
 
 
+def _training_meta(spec: str | Path | None) -> dict[str, Any]:
+    """A tinyllm checkpoint's metadata ({} for anything else: GPT-2, a module, no spec, an unreadable one)."""
+    from tinyllm.checkpoint import find_checkpoint
+
+    checkpoint = find_checkpoint(spec) if spec is not None and Path(spec).is_dir() else None
+    if checkpoint is None:
+        return {}
+    try:
+        meta = json.loads((checkpoint / "meta.json").read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("train_config") or {}, dict):
+        logger.warning("%s: no readable training config; evaluating on the built-in corpus", checkpoint)
+        return {}
+    return meta
+
+
 def training_heldout(spec: str | Path | None) -> PreparedData:
     """The held-out split a checkpoint was validated on (its training data and val_fraction, from its
-    metadata), or the built-in corpus's held-out split for anything else (GPT-2, a module, no spec)."""
-    from tinyllm.checkpoint import find_checkpoint
+    metadata), or the built-in corpus's held-out split for anything else (GPT-2, a module, no spec).
+
+    Documents added to the run's data since are split as `prepare` splits them now, which can move a document
+    the model trained on into the held-out split; the documents held out in training (which the checkpoint
+    records) are scored instead, with a warning.
+    """
     from tinyllm.data import prepare
 
-    config: dict[str, Any] = {}
-    checkpoint = find_checkpoint(spec) if spec is not None and Path(spec).is_dir() else None
-    if checkpoint is not None:
-        try:
-            config = json.loads((checkpoint / "meta.json").read_text()).get("train_config") or {}
-        except (OSError, ValueError, AttributeError):
-            logger.warning("%s: no readable training config; evaluating on the built-in corpus", checkpoint)
-    return prepare(config.get("data") or None, val_fraction=config.get("val_fraction", 0.1), progress=False)
+    meta = _training_meta(spec)
+    config = meta.get("train_config") or {}
+    sources, val_fraction = config.get("data") or None, config.get("val_fraction", 0.1)
+    try:
+        data = prepare(sources, val_fraction=val_fraction, progress=False)
+    except CorpusError as exc:
+        raise EvaluationError(
+            f"the data {spec} was trained on cannot be read now ({exc}); pass --data with held-out text"
+        ) from None
+    then = meta.get("data_split") or {}
+    if then.get("val_threshold") is None or data.meta.get("val_threshold") == then["val_threshold"]:
+        return data
+    if then.get("documents") == 1:  # held out by position inside its one document: not reproducible by document
+        logger.warning(
+            "%s was trained on one document (its end held out); its data now has %d documents, whose held-out "
+            "split may hold text it trained on: pass --data with text it has not seen",
+            spec, data.meta.get("documents", 0),
+        )  # fmt: skip
+        return data
+    logger.warning(
+        "%s's training data changed since it was trained (%s documents then, %d now): scoring the documents it "
+        "held out then, not the split the data would get now (which holds documents it trained on)",
+        spec, then.get("documents", "?"), data.meta.get("documents", 0),
+    )  # fmt: skip
+    return prepare(sources, val_fraction=val_fraction, progress=False, val_threshold=int(then["val_threshold"]))
+
+
+def trained_on(spec: str | Path | None, data: Sequence[str | Path]) -> list[str]:
+    """The documents among `data` (files, folders, globs) that a checkpoint trained on: those of its training
+    data that its split did not hold out. Empty for anything but a tinyllm checkpoint that recorded its split."""
+    from tinyllm.corpus import doc_hash, iter_document_ids, resolve_sources
+
+    meta = _training_meta(spec)
+    config, split = meta.get("train_config") or {}, meta.get("data_split") or {}
+    if not config.get("data") or split.get("val_threshold") is None:
+        return []
+    try:
+        training = {f.path.resolve(): f for f in resolve_sources(config["data"])}
+    except TinyLLMError:  # the run's data is gone: nothing to compare with
+        return []
+    seen = []
+    for given in resolve_sources([str(p) for p in data]):
+        source = training.get(given.path.resolve())
+        if source is None:
+            continue
+        for doc_id in iter_document_ids(source):
+            if split.get("documents") == 1 or doc_hash(doc_id, int(split["seed"])) > int(split["val_threshold"]):
+                seen.append(doc_id)
+    return seen
+
+
+def _warn_if_trained_on(spec: str, data: Sequence[str | Path]) -> None:
+    paths = [Path(p) for p in data]
+    if len(paths) == 1 and (paths[0] / "meta.json").is_file():  # a prepared directory: its split, its seed
+        prepared, meta = PreparedData.load(paths[0]).meta, _training_meta(spec)
+        then, ours = meta.get("data_split") or {}, set(meta.get("data_sources") or [])
+        if then and ours & set(prepared.get("sources", [])) and (
+            prepared.get("seed"), prepared.get("val_threshold")) != (then.get("seed"), then.get("val_threshold")
+        ):  # fmt: skip
+            logger.warning(
+                "%s was split otherwise than %s's training data (seed %s, not %s, or other documents): its held-out "
+                "split may hold documents the model trained on",
+                paths[0], spec, prepared.get("seed"), then.get("seed"),
+            )  # fmt: skip
+        return
+    seen = trained_on(spec, data)
+    if seen:
+        logger.warning(
+            "%d of the documents given are in %s's training data and were not held out (%s%s): unless added "
+            "since, it trained on them, so this is not a held-out score; leave out --data to score what it held out",
+            len(seen), spec, ", ".join(seen[:3]), ", ..." if len(seen) > 3 else "",
+        )  # fmt: skip
 
 
 def evaluate_model(
@@ -289,6 +376,8 @@ def evaluate_model(
     """
     if data is None:
         data = training_heldout(model if isinstance(model, str) else None)
+    elif isinstance(model, str) and not isinstance(data, PreparedData):
+        _warn_if_trained_on(model, data)
     tokenizer = tokenizer or get_tokenizer()
     if isinstance(model, str):
         from tinyllm.checkpoint import resolve_model, tokenizer_from_meta
@@ -520,6 +609,8 @@ def measure_model(
     result = ModelResults(name=name, source=source)
     if data is None and not skip_eval:
         data = training_heldout(spec if isinstance(spec, str) and not gpt2 else None)
+    elif not skip_eval and isinstance(spec, str) and not gpt2 and not isinstance(data, PreparedData):
+        _warn_if_trained_on(spec, data)
     if not skip_eval:
         result.eval = evaluate_model(
             model, data=data, context=context, stride=stride, max_tokens=max_tokens, max_bytes=max_bytes,

@@ -35,7 +35,7 @@ _REPETITION_METRICS = (
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl file (lines that are not JSON objects are skipped)."""
     records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():  # a torn write: skipped
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -43,6 +43,17 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def finite(value: Any) -> Any:
+    """`value` with NaN and infinities (not JSON) as None, through dicts and lists: strict JSON's numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def _number(record: Mapping[str, Any], *keys: str) -> float | None:
@@ -170,13 +181,21 @@ def _run_section(run_dir: Path, records: list[dict[str, Any]], plot: Path | None
         return next((v for r in reversed(records) if (v := _number(r, key)) is not None), None)
 
     elapsed = latest("elapsed_s")
+    # the best as training counts it (what best/ holds): never the step-0 evaluation of the starting weights
+    best = _number(end, "best_val_loss")
+    evals = [r for r in records if r.get("event") == "eval"]
+    if best is None and any("best" in r for r in evals):
+        marked = [v for r in evals if r.get("best") is True and (v := _number(r, "val_loss")) is not None]
+        best = min(marked) if marked else None
+    elif best is None and val:  # another trainer's records: the lowest of them
+        best = min(v[1] for v in val)
     facts = [
         ("steps", _fmt(latest("step"), ",.0f")),
         ("tokens", _fmt(latest("tokens"), ",.0f")),
         ("minutes", _fmt(elapsed / 60 if elapsed is not None else None, ".1f")),
         ("final train loss", _fmt(train[-1][1] if train else None)),
         ("final val loss", _fmt(val[-1][1] if val else None)),
-        ("best val loss", _fmt(min(v[1] for v in val) if val else None)),
+        ("best val loss", _fmt(best)),
         ("best val bits per byte (training's fixed windows)", _fmt(_number(end, "best_val_bpb"))),
     ]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts] + [""]
@@ -277,8 +296,9 @@ def write_report(
         lines += _samples_section(results)
     path = out / REPORT_FILE
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
-    summary = {"run_dir": str(run_dir) if run_dir else None, "models": [r.to_dict() for r in results]}
-    (out / RESULTS_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    summary = {"run_dir": str(run_dir) if run_dir else None, "models": [finite(r.to_dict()) for r in results]}
+    text = json.dumps(summary, indent=2, ensure_ascii=False, allow_nan=False)  # a broken model's NaN is null
+    (out / RESULTS_FILE).write_text(text + "\n", encoding="utf-8")
     logger.info("wrote report %s", path)
     return path
 

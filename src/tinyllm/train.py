@@ -316,6 +316,7 @@ class _Run:
         self.warmup_elapsed: float | None = None
         self.best = (math.inf, math.inf)  # (val loss, val bpb)
         self.last_eval: tuple[float, float] | None = None
+        self.start_loss = math.nan  # the step-0 evaluation's: the starting weights' val loss
         self.last_eval_step = self.last_save_step = -1
         self.last_eval_time = 0.0  # elapsed seconds at the last evaluation
         self.eval_due = False
@@ -433,7 +434,7 @@ class _Run:
         differs = []
         if meta.get("data_hash") != self.data_hash():
             differs.append(f"data {', '.join(saved.get('data') or ['shakespeare'])}")
-        if _absolute_init(saved.get("init_from")) != self.cfg.init_from:  # (older runs recorded it as typed)
+        if not _same_init(saved.get("init_from"), self.cfg.init_from):
             differs.append(f"started from {saved.get('init_from') or 'scratch'}")
         if self.cfg.init_from is None and config != self._model_config():
             differs.append(f"a {config.n_layer}-layer, {config.n_embd}-wide model")
@@ -448,7 +449,7 @@ class _Run:
         problems = []
         if self.cfg.init_from is None and config != self._model_config():
             problems.append(f"its model is {config} but this run asks for {self._model_config()}")
-        if _absolute_init(saved.get("init_from")) != self.cfg.init_from:  # (older runs recorded it as typed)
+        if not _same_init(saved.get("init_from"), self.cfg.init_from):
             problems.append(f"it started from {saved.get('init_from')!r}, this run from {self.cfg.init_from!r}")
         if meta.get("data_hash") != self.data_hash():
             problems.append("it was trained on different data")
@@ -460,6 +461,14 @@ class _Run:
 
     def data_hash(self) -> str:
         return str(self.data.meta["content_hash"])
+
+    def data_split(self) -> dict[str, Any] | None:
+        """Which documents were held out (for `evaluate` to score the same ones later); None for data prepared
+        before splits were recorded."""
+        meta = self.data.meta
+        if meta.get("val_threshold") is None:
+            return None
+        return {"seed": meta["seed"], "val_threshold": meta["val_threshold"], "documents": meta["documents"]}
 
     def _eval_windows(self) -> torch.Tensor:
         """Evenly spaced validation windows (K, T+1), the same at every evaluation; this rank's share."""
@@ -516,6 +525,7 @@ class _Run:
         self.warmup_elapsed = state.get("warmup_elapsed")
         self.step_time, self.reserve = float(state.get("step_time", 0.0)), float(state.get("reserve", 0.0))
         self.best = (float(state["best_val_loss"]), float(state["best_val_bpb"]))
+        self.start_loss = float(state.get("start_val_loss", math.nan))
         self.last_save_step = self.step
         # where the last evaluation was (older checkpoints were only saved right after one)
         self.last_eval_step = int(state.get("last_eval_step", self.step))
@@ -659,6 +669,7 @@ class _Run:
             "elapsed_s": round(self.elapsed(), 3),
             "data_sources": self.data.meta["sources"],
             "data_hash": self.data_hash(),
+            "data_split": self.data_split(),
             "init_from": self.cfg.init_from,
             "init_source": self.init_meta.get("source"),
             "train_config": self.cfg.to_dict(),
@@ -670,6 +681,7 @@ class _Run:
             "warmup_elapsed": self.warmup_elapsed,
             "best_val_loss": self.best[0],
             "best_val_bpb": self.best[1],
+            "start_val_loss": self.start_loss,
             "world_size": self.dist.world,
             "ranks": ranks,
             "dtype": str(self.amp_dtype).removeprefix("torch."),
@@ -754,6 +766,7 @@ class _Run:
         if self.step == 0:
             self.evaluate(track_best=False)  # the curves' starting point; also measures what an evaluation costs
             self.reserve = time.perf_counter() - self.t0
+            self.start_loss = self.last_eval[0] if self.last_eval is not None else math.nan
         bar = self._progress_bar()
         self._window = (0.0, 0, time.perf_counter())  # (sum of losses, steps, start) since the last metrics line
         try:
@@ -870,6 +883,12 @@ class _Run:
                 }
             )
             logger.info("%s", result.summary())
+            if self.cfg.init_from and self.step > 0 and self.best[0] >= self.start_loss:  # (False for NaN)
+                logger.warning(
+                    "no evaluation beat the starting model (val loss %.4f before fine-tuning, %.4f at best since): "
+                    "best/ holds a worse model than --from; lower --lr (now %g) or give more data",
+                    self.start_loss, self.best[0], self.cfg.lr,
+                )  # fmt: skip
             if self.step == 0 and reason == "max_minutes":
                 logger.warning(
                     "the time budget (--max-minutes %g) ran out before the first step (the step-0 evaluation took "
@@ -1044,6 +1063,14 @@ def _absolute_init(init_from: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(init_from))
 
 
+def _same_init(saved: str | None, current: str | None) -> bool:
+    """Whether a run recorded as started from `saved` started from `current` (as `_absolute_init` gives it): a
+    local checkpoint deleted since is made absolute by neither, so its path as typed is compared too."""
+    if _absolute_init(saved) == current:  # (older runs recorded it as typed)
+        return True
+    return saved is not None and current is not None and os.path.abspath(os.path.expanduser(current)) == saved
+
+
 def _check_run_dir(path: Path) -> None:
     """A run directory that is a file, or lies under one, fails now (not after the data is prepared, as an OS
     error); nothing is created."""
@@ -1053,6 +1080,19 @@ def _check_run_dir(path: Path) -> None:
     if existing.exists() and not existing.is_dir():
         where = "is" if existing == path.expanduser() else f"lies under {existing}, which is"
         raise TrainError(f"run directory {path} {where} a file, not a folder; pass --run-dir DIR")
+
+
+def _check_init_outside(config: TrainConfig) -> None:
+    """A fine-tune's starting checkpoint may not lie in its run directory, which the run writes (and --overwrite
+    clears): that would replace the weights it started from and lose where it came from."""
+    if config.init_from is None or not Path(config.init_from).exists():
+        return
+    start, run_dir = Path(config.init_from).resolve(), Path(config.run_dir).expanduser().resolve()
+    if start == run_dir or run_dir in start.parents:
+        raise TrainError(
+            f"--from {config.init_from} lies in --run-dir {config.run_dir}, which this run writes: pass another "
+            "--run-dir (the fine-tune's own)"
+        )
 
 
 def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
@@ -1070,6 +1110,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         config, data=absolute_sources(config.data), init_from=_absolute_init(config.init_from)
     )
     _check_run_dir(Path(config.run_dir))
+    _check_init_outside(config)
     world = resolve_processes(config)
     if world > 1:
         return _spawn(config, world, progress=progress)
