@@ -92,6 +92,8 @@ def test_tokenize(client: TestClient, tok: Tokenizer) -> None:
     empty = {"ids": [], "tokens": [], "model": "custom", "tokenizer": "gpt2"}
     assert client.post("/tokenize", json={"text": ""}).json() == empty
     assert client.post("/tokenize", json={"text": "Hello world", "model": "gpt2"}).json()["model"] == "gpt2"
+    split = client.post("/tokenize", json={"text": " 日"}).json()["tokens"]  # a character split over tokens
+    assert "".join(split).encode().decode("unicode_escape").encode("latin-1") == " 日".encode()
     missing = client.post("/tokenize", json={"text": "Hi", "model": "nope"})
     assert missing.status_code == 404 and missing.json()["code"] == "model_not_found"
 

@@ -49,6 +49,9 @@ def test_incremental_decoder_flushes_an_unfinished_character(gpt2_tokenizer):
 
 def test_token_strings_show_each_token(gpt2_tokenizer):
     assert gpt2_tokenizer.token_strings(gpt2_tokenizer.encode("The future")) == ["The", " future"]
+    ids = gpt2_tokenizer.encode("日本")  # each character in two tokens: e6 97 | a5, e6 9c | ac
+    assert gpt2_tokenizer.token_strings(ids) == ["\ufffd"] * 4
+    assert gpt2_tokenizer.token_strings(ids, escape_partial=True) == ["\\xe6\\x97", "\\xa5", "\\xe6\\x9c", "\\xac"]
 
 
 def test_ranks_file_is_verified(tmp_path):

@@ -81,7 +81,7 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     tok = model_tokenizer(args.model) if args.model else get_tokenizer(args.tokenizer)
     text = args.text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # argv need not be UTF-8
     ids = tok.encode(text)
-    tokens = tok.token_strings(ids)
+    tokens = tok.token_strings(ids, escape_partial=True)
     if args.json:
         print(json.dumps({"ids": ids, "tokens": tokens, "tokenizer": tok.name}, ensure_ascii=False))
     else:

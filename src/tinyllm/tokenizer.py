@@ -81,9 +81,11 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         return self.encoding.decode_single_token_bytes(token_id)
 
-    def token_strings(self, ids: Iterable[int]) -> list[str]:
-        """Each token's own text (a token that is part of a character shows U+FFFD)."""
-        return [self.token_bytes(t).decode("utf-8", errors="replace") for t in ids]
+    def token_strings(self, ids: Iterable[int], *, escape_partial: bool = False) -> list[str]:
+        """Each token's own text. The bytes of a token that holds part of a character show as U+FFFD, or with
+        `escape_partial` as escapes (`\\xe6\\x97`): which bytes of the character each token holds."""
+        errors = "backslashreplace" if escape_partial else "replace"
+        return [self.token_bytes(t).decode("utf-8", errors=errors) for t in ids]
 
     def incremental_decoder(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)

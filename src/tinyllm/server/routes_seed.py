@@ -132,4 +132,6 @@ async def _stream(group: GenerationGroup, prompt: str, path: str) -> AsyncIterat
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     model, tokenizer = await tokenizer_of(request, body.model)
     ids = await encode(tokenizer, body.text) if body.text else []
-    return TokenizeResponse(ids=ids, tokens=tokenizer.token_strings(ids), model=model, tokenizer=tokenizer.name)
+    return TokenizeResponse(
+        ids=ids, tokens=tokenizer.token_strings(ids, escape_partial=True), model=model, tokenizer=tokenizer.name
+    )

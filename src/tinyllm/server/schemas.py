@@ -88,7 +88,9 @@ class TokenizeRequest(BaseModel):
 
 class TokenizeResponse(BaseModel):
     ids: list[int]
-    tokens: list[str] = Field(..., description="each token's own text (part of a character shows as U+FFFD)")
+    tokens: list[str] = Field(
+        ..., description="each token's own text; the bytes of a token holding part of a character as \\xNN escapes"
+    )
     model: str | None = Field(..., description="the model whose tokenizer split the text (null: GPT-2's BPE)")
     tokenizer: str = Field(..., description="the tokenizer's name: \"gpt2\", or a trained BPE's")
 
