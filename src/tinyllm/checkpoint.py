@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -163,6 +164,7 @@ def build_model(
     `lm_head.weight` may be absent (it is tied to `transformer.wte.weight`) or present and equal to it.
     Floating tensors are cast to `dtype` when given. `source` names the weights in error messages.
     """
+    _check_outline(config, state_dict, source)
     with torch.device("meta"):  # no memory, no random init: every parameter is assigned below
         model = GPT(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED_KEY}
@@ -182,11 +184,34 @@ def build_model(
     wte = state["transformer.wte.weight"]
     if head is not None and (head.shape != wte.shape or not torch.equal(head, wte)):
         raise CheckpointError(f"{source}: lm_head.weight differs from transformer.wte.weight; only tied heads load")
-    tensors = {k: _cast(v, device, dtype) for k, v in state.items()}
+    try:
+        tensors = {k: _cast(v, device, dtype) for k, v in state.items()}
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        gb = sum(v.numel() for v in state.values()) * (dtype or wte.dtype).itemsize / 1e9
+        raise CheckpointError(f"{source}: not enough memory on {device} for its {gb:.1f} GB of weights") from exc
     tensors[TIED_KEY] = tensors["transformer.wte.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign=True made two Parameters: tie them again
     return model.eval()
+
+
+def _check_outline(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """The config's layer count and embedding shapes against the weights, before a model is built from it:
+    a config from elsewhere must not make the loader build 20,000 blocks (a minute and a GB on the meta
+    device) only to find that the file holds two."""
+    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    if len(layers) != config.n_layer:
+        raise CheckpointError(
+            f"{source}: the config says n_layer={config.n_layer} but the weights hold {len(layers)} blocks"
+        )
+    for key, shape in {
+        "transformer.wte.weight": (config.vocab_size, config.n_embd),
+        "transformer.wpe.weight": (config.block_size, config.n_embd),
+    }.items():
+        if key in state_dict and tuple(state_dict[key].shape) != shape:
+            raise CheckpointError(
+                f"{source}: {key} has shape {tuple(state_dict[key].shape)} but the config needs {shape}"
+            )
 
 
 def _cast(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None) -> torch.Tensor:

@@ -20,7 +20,7 @@ import os
 import pickle
 import re
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import torch
@@ -52,8 +52,17 @@ class GPT2UnavailableError(TinyLLMError):
 
 def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
     """A `ModelConfig` from a Hugging Face GPT-2 `config.json`, refusing variants our model cannot express."""
+    if not isinstance(hf, Mapping):
+        raise CheckpointError(f"{source}: a config.json holds a JSON object, not {type(hf).__name__}")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}; only gpt2 loads")
+    try:
+        return _checked_config(hf, source)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise CheckpointError(f"{source}: not a usable GPT-2 config ({type(exc).__name__}: {exc})") from exc
+
+
+def _checked_config(hf: Mapping[str, Any], source: str) -> ModelConfig:
     checks = {
         "layer_norm_epsilon": abs(float(hf.get("layer_norm_epsilon", LAYER_NORM_EPSILON)) - LAYER_NORM_EPSILON) < 1e-12,
         "activation_function": hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
@@ -66,18 +75,22 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> Mod
     bad = [f"{k}={hf.get(k)!r}" for k, ok in checks.items() if not ok]
     if bad:
         raise CheckpointError(f"{source}: unsupported GPT-2 variant ({', '.join(bad)})")
-    try:
-        return ModelConfig(
-            vocab_size=int(hf["vocab_size"]),
-            block_size=int(hf.get("n_positions", hf.get("n_ctx", 1024))),
-            n_layer=int(hf["n_layer"]),
-            n_head=int(hf["n_head"]),
-            n_embd=int(hf["n_embd"]),
-            dropout=0.0,
-            bias=True,
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: not a usable GPT-2 config ({type(exc).__name__}: {exc})") from exc
+    return ModelConfig(
+        vocab_size=_integer(hf["vocab_size"], "vocab_size"),
+        block_size=_integer(hf.get("n_positions", hf.get("n_ctx", 1024)), "n_positions"),
+        n_layer=_integer(hf["n_layer"], "n_layer"),
+        n_head=_integer(hf["n_head"], "n_head"),
+        n_embd=_integer(hf["n_embd"], "n_embd"),
+        dropout=0.0,
+        bias=True,
+    )
+
+
+def _integer(value: Any, name: str) -> int:
+    """A config size: an integer (12, or 12.0 as some exporters write it), never a bool, string or 12.5."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
 
 
 def hf_config_dict(
@@ -232,9 +245,12 @@ def _read_weights(source: str) -> tuple[dict[str, torch.Tensor], str]:
         if path := _fetch(source, _SAFETENSORS):
             return load_file(path), str(path)
         if index_path := _fetch(source, _SAFETENSORS_INDEX):
-            shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+            names = list(json.loads(index_path.read_text())["weight_map"].values())
+            for shard in names:
+                if not _plain_file_name(shard):  # the index names files beside it, never a path out of it
+                    raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name in that directory")
             state: dict[str, torch.Tensor] = {}
-            for shard in shards:
+            for shard in sorted(set(names)):
                 shard_path = _fetch(source, shard)
                 if shard_path is None:
                     raise _unavailable(source, f"shard {shard} listed in {_SAFETENSORS_INDEX} is missing")
@@ -242,9 +258,30 @@ def _read_weights(source: str) -> tuple[dict[str, torch.Tensor], str]:
             return state, str(index_path)
         if path := _fetch(source, _TORCH_BIN):
             return torch.load(path, map_location="cpu", weights_only=True), str(path)  # never unpickle code
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as exc:
+    except (
+        SafetensorError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        RuntimeError,
+        pickle.UnpicklingError,
+    ) as exc:
         raise CheckpointError(f"GPT-2 weights from {source!r} cannot be read ({type(exc).__name__}: {exc})") from exc
     raise _unavailable(source, f"no {_SAFETENSORS} or {_TORCH_BIN} there or in the cache")
+
+
+def _plain_file_name(name: Any) -> bool:
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and not Path(name).is_absolute()
+        and not PureWindowsPath(name).drive
+    )
 
 
 def load_gpt2(

@@ -91,11 +91,17 @@ class Tokenizer:
         return IncrementalDecoder(self)
 
 
-def load_ranks(path: Path, *, expected_sha256: str | None = assets.GPT2_RANKS_SHA256) -> dict[bytes, int]:
-    """Read a `.tiktoken` ranks file (base64 token, space, rank per line), verifying its sha256."""
+def load_ranks(
+    path: Path,
+    *,
+    expected_sha256: str | None = assets.GPT2_RANKS_SHA256,
+    remedy: str = "delete it and run `tinyllm fetch-assets`",
+) -> dict[bytes, int]:
+    """Read a `.tiktoken` ranks file (base64 token, space, rank per line), verifying its sha256; `remedy`
+    ends the message of a file that fails the check."""
     data = Path(path).read_bytes()
     if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise TokenizerError(f"{path} fails its sha256 check; delete it and run `tinyllm fetch-assets`")
+        raise TokenizerError(f"{path} fails its sha256 check; {remedy}")
     ranks: dict[bytes, int] = {}
     for line in data.splitlines():
         if line:
@@ -209,21 +215,29 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load a tokenizer saved by `save_tokenizer` (e.g. from a checkpoint directory)."""
     directory = Path(directory)
     try:
-        spec = json.loads((directory / TOKENIZER_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        spec = json.loads((directory / TOKENIZER_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         raise TokenizerError(f"{directory}: cannot read {TOKENIZER_JSON} ({exc})") from None
+    if not isinstance(spec, dict):
+        raise TokenizerError(f"{directory / TOKENIZER_JSON}: must hold a JSON object, not {type(spec).__name__}")
     if spec.get("name") == "gpt2":
         return get_tokenizer("gpt2")
     try:
-        ranks = load_ranks(directory / RANKS_FILE, expected_sha256=spec["ranks_sha256"])
+        if not isinstance(spec["ranks_sha256"], str) or not isinstance(spec["special_tokens"], dict):
+            raise TypeError("ranks_sha256 must be a string and special_tokens an object")
+        ranks = load_ranks(
+            directory / RANKS_FILE,
+            expected_sha256=spec["ranks_sha256"],
+            remedy=f"the tokenizer saved in {directory} is damaged; copy it again from where it was trained",
+        )
         encoding = tiktoken.Encoding(
-            name=spec["name"],
-            pat_str=spec["pat_str"],
+            name=str(spec["name"]),
+            pat_str=str(spec["pat_str"]),
             mergeable_ranks=ranks,
-            special_tokens={k: int(v) for k, v in spec["special_tokens"].items()},
+            special_tokens={str(k): int(v) for k, v in spec["special_tokens"].items()},
             explicit_n_vocab=int(spec["vocab_size"]),
         )
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError) as exc:
         raise TokenizerError(f"{directory}: not a valid tokenizer ({type(exc).__name__}: {exc})") from None
     return Tokenizer(encoding)
 

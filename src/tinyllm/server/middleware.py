@@ -87,7 +87,7 @@ class RequestContextMiddleware:
                 method=scope["method"], route=self._route(scope), status=status, seconds=seconds
             )
             access_logger.info(
-                "method=%s path=%s status=%d duration_ms=%.1f request_id=%s",
+                "method=%s path=%r status=%d duration_ms=%.1f request_id=%s",  # %r: a path cannot forge a log line
                 scope["method"],
                 scope["path"],
                 status,

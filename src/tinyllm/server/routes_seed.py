@@ -13,6 +13,7 @@ before `[DONE]`. Errors before it are ordinary JSON responses (see errors.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -132,6 +133,8 @@ async def _stream(group: GenerationGroup, prompt: str, path: str) -> AsyncIterat
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     model, tokenizer = await tokenizer_of(request, body.model)
     ids = await encode(tokenizer, body.text) if body.text else []
-    return TokenizeResponse(
-        ids=ids, tokens=tokenizer.token_strings(ids, escape_partial=True), model=model, tokenizer=tokenizer.name
-    )
+    if len(ids) > 1000:  # a long text's pieces are built off the event loop, as its encoding was
+        tokens = await asyncio.to_thread(tokenizer.token_strings, ids, escape_partial=True)
+    else:
+        tokens = tokenizer.token_strings(ids, escape_partial=True)
+    return TokenizeResponse(ids=ids, tokens=tokens, model=model, tokenizer=tokenizer.name)

@@ -15,6 +15,8 @@ MAX_NEW_TOKENS_BOUND = 4096  # the schema's bound; the server's own cap (`max_ne
 MAX_STOP = 4
 MAX_STOP_CHARS = 64
 MAX_SEED = 2**63 - 1
+MAX_MODEL_CHARS = 64  # a model id: "custom", "gpt2"; longer ones are a client's mistake, not worth echoing
+MAX_TOKENIZE_CHARS = 100_000
 
 
 def _encodable(text: str) -> str:
@@ -31,7 +33,20 @@ def null_is_default(default: Any) -> BeforeValidator:
     return BeforeValidator(lambda value: default if value is None else value)
 
 
+def _at_most(chars: int) -> Any:
+    """A length bound checked after `_encodable` (pydantic's own max_length turns a lone surrogate's clear
+    message into "unable to parse raw data"), and shown in the API's JSON schema all the same."""
+
+    def check(text: str) -> str:
+        if len(text) > chars:
+            raise ValueError(f"at most {chars} characters, got {len(text)}")
+        return text
+
+    return [AfterValidator(check), Field(json_schema_extra={"maxLength": chars})]
+
+
 Text = Annotated[str, AfterValidator(_encodable)]
+ModelId = Annotated[str, AfterValidator(_encodable), *_at_most(MAX_MODEL_CHARS)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_encodable)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
 
@@ -80,8 +95,8 @@ class GenerateResponse(BaseModel):
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: Text = Field(..., description="text to split into tokens")
-    model: Text | None = Field(
+    text: Annotated[Text, *_at_most(MAX_TOKENIZE_CHARS)] = Field(..., description="text to split into tokens")
+    model: ModelId | None = Field(
         None, description='whose tokenizer: "custom" or "gpt2" (default: your model\'s when loaded, else GPT-2\'s)'
     )
 

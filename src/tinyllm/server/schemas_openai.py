@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from tinyllm.sampling import MAX_TOP_LOGPROBS
-from tinyllm.server.schemas import MAX_NEW_TOKENS_BOUND, MAX_SEED, Stop, Text, null_is_default
+from tinyllm.server.schemas import MAX_NEW_TOKENS_BOUND, MAX_SEED, ModelId, Stop, Text, null_is_default
 
 MAX_N = 8
 MAX_PROMPTS = 16
@@ -79,7 +79,7 @@ class StreamOptions(BaseModel):
 class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: Annotated[Text, null_is_default("custom")] = Field("custom", description='"custom" or "gpt2"')
+    model: Annotated[ModelId, null_is_default("custom")] = Field("custom", description='"custom" or "gpt2"')
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     n: Annotated[int, null_is_default(1)] = Field(1, ge=1, le=MAX_N, description="choices per prompt")

@@ -4,7 +4,7 @@ Besides cli.py this is the only place that reads the environment: TINYLLM_HOST, 
 TINYLLM_API_KEY, TINYLLM_CHECKPOINT, TINYLLM_GPT2 (set it to "", "0", "none" or "off" to disable GPT-2) and
 TINYLLM_COMPILE (on unless set to one of those: compile the batch-1 decode step in the background), and the
 capacity: TINYLLM_SLOTS (sequences decoded together, 8), TINYLLM_MAX_QUEUE (requests waiting beyond them, 64;
-more get 429) and TINYLLM_REQUEST_TIMEOUT_S (300).
+more get 429), TINYLLM_REQUEST_TIMEOUT_S (300) and TINYLLM_MAX_CONTEXT (4096).
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ class ServerSettings:
         max_body_bytes: largest request body; larger ones get 413.
         request_timeout_s: deadline of one generation; see `tinyllm.server.generation` for what happens at it.
         max_new_tokens_cap: the most new tokens one request may ask for.
+        max_context: the most positions (prompt plus new tokens) a sequence may hold, whatever the checkpoint's
+            block_size says: each slot's KV cache is sized by the smaller of the two, so a checkpoint from
+            elsewhere cannot make the server reserve memory for a context nobody asked for.
         device: torch device for the models: "auto" (a CUDA GPU when there is one, else the CPU; Apple's MPS
             only when asked for, as the serving path is untested there), "cpu", "cuda", "cuda:N" or "mps".
         load_wait_s: how long startup waits for the models; slower ones keep loading in the background
@@ -99,6 +102,7 @@ class ServerSettings:
     max_body_bytes: int = 1_000_000
     request_timeout_s: float = 300.0
     max_new_tokens_cap: int = 1024
+    max_context: int = 4096
     device: str = "auto"
     load_wait_s: float = 5.0
     torch_threads: int | None = None
@@ -108,7 +112,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port must be in 0..65535, got {self.port}")
-        for name in ("max_queue", "slots", "max_body_bytes", "max_new_tokens_cap"):
+        for name in ("max_queue", "slots", "max_body_bytes", "max_new_tokens_cap", "max_context"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.torch_threads is not None and self.torch_threads < 0:
@@ -158,6 +162,7 @@ class ServerSettings:
         if "TINYLLM_HOST" in env:
             values["host"] = env["TINYLLM_HOST"]
         numbers = {"PORT": ("port", int), "SLOTS": ("slots", int), "MAX_QUEUE": ("max_queue", int)}
+        numbers["MAX_CONTEXT"] = ("max_context", int)
         numbers["REQUEST_TIMEOUT_S"] = ("request_timeout_s", float)
         for suffix, (name, kind) in numbers.items():
             if f"TINYLLM_{suffix}" in env:

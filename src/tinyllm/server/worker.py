@@ -58,6 +58,7 @@ def default_engine(loaded: LoadedModel, settings: ServerSettings) -> Engine:
         loaded.model,
         max_batch_size=settings.slots,
         max_queue=settings.max_queue,
+        max_seq_len=settings.max_context,
         eos_token_id=loaded.tokenizer.eot_token,
         tokenizer=loaded.tokenizer,
     )
@@ -137,7 +138,7 @@ class ModelWorker:
         else:
             self.loaded, self.engine = loaded, engine
             self.state = "ready"
-            logger.info("model %r ready: %s", self.name, _describe(loaded))
+            logger.info("model %r ready: %s", self.name, _describe(loaded, engine))
         finally:
             self._loaded_event.set()
         if self.engine is not None and not self._stop.is_set():
@@ -258,10 +259,14 @@ class _Mailbox:
             queue.put_nowait(item)
 
 
-def _describe(loaded: LoadedModel) -> str:
+def _describe(loaded: LoadedModel, engine: Engine) -> str:
     c = loaded.model.config
     device = next(loaded.model.parameters()).device
-    return f"{loaded.model.num_params() / 1e6:.1f}M parameters, {c.n_layer} layers, context {c.block_size}, on {device}"
+    limit = getattr(engine, "context_limit", c.block_size)
+    context = f"context {limit}" + (f" (of its {c.block_size}: TINYLLM_MAX_CONTEXT)" if limit < c.block_size else "")
+    cache = getattr(engine, "cache", None)
+    kv = f", KV cache {cache.nbytes / 2**20:.0f} MiB" if cache is not None else ""
+    return f"{loaded.model.num_params() / 1e6:.1f}M parameters, {c.n_layer} layers, {context}{kv}, on {device}"
 
 
 # --- default loaders --------------------------------------------------------------------------------------------
