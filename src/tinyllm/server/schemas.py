@@ -33,20 +33,24 @@ def null_is_default(default: Any) -> BeforeValidator:
     return BeforeValidator(lambda value: default if value is None else value)
 
 
-def _at_most(chars: int) -> Any:
+def _at_most(chars: int) -> AfterValidator:
     """A length bound checked after `_encodable` (pydantic's own max_length turns a lone surrogate's clear
-    message into "unable to parse raw data"), and shown in the API's JSON schema all the same."""
+    message into "unable to parse raw data"); pair it with `_schema_max(chars)` for the API's JSON schema."""
 
     def check(text: str) -> str:
         if len(text) > chars:
             raise ValueError(f"at most {chars} characters, got {len(text)}")
         return text
 
-    return [AfterValidator(check), Field(json_schema_extra={"maxLength": chars})]
+    return AfterValidator(check)
+
+
+def _schema_max(chars: int) -> Any:
+    return Field(json_schema_extra={"maxLength": chars})
 
 
 Text = Annotated[str, AfterValidator(_encodable)]
-ModelId = Annotated[str, AfterValidator(_encodable), *_at_most(MAX_MODEL_CHARS)]
+ModelId = Annotated[str, AfterValidator(_encodable), _at_most(MAX_MODEL_CHARS), _schema_max(MAX_MODEL_CHARS)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_encodable)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None
 
@@ -95,7 +99,9 @@ class GenerateResponse(BaseModel):
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: Annotated[Text, *_at_most(MAX_TOKENIZE_CHARS)] = Field(..., description="text to split into tokens")
+    text: Annotated[Text, _at_most(MAX_TOKENIZE_CHARS), _schema_max(MAX_TOKENIZE_CHARS)] = Field(
+        ..., description="text to split into tokens"
+    )
     model: ModelId | None = Field(
         None, description='whose tokenizer: "custom" or "gpt2" (default: your model\'s when loaded, else GPT-2\'s)'
     )
