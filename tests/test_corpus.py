@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -42,6 +43,14 @@ def test_duplicate_sources_are_read_once(tmp_path):
     ("name", "content", "message"),
     [
         ("empty.txt", b"  \n", "file is empty"),
+        ("bom.txt", b"\xef\xbb\xbf", "file is empty"),  # a byte-order mark alone was one empty document
+        ("bom-spaces.md", b"\xef\xbb\xbf \r\n\t\n", "file is empty"),
+        ("unicode-spaces.txt", "\u00a0\u3000\n".encode(), "file is empty"),
+        ("utf32.txt", "notes".encode("utf-32"), "is UTF-32 text; convert it to UTF-8"),
+        ("bom.jsonl", b"\xef\xbb\xbf\n", "bom.jsonl: no non-empty documents"),
+        ("utf16.jsonl", '{"text": "hi"}\n'.encode("utf-16"), r"utf16.jsonl: is UTF-16 text; convert it to UTF-8"),
+        ("utf16le.jsonl", '{"text": "hi"}\n'.encode("utf-16-le"), r"utf16le.jsonl: is UTF-16 text; convert"),
+        ("utf32be.ndjson", '{"text": "hi"}\n'.encode("utf-32-be"), r"utf32be.ndjson: is UTF-32 text; convert"),
         ("binary.txt", b"abc\x00\x01\x02", "binary file"),
         ("utf16.txt", "notes".encode("utf-16"), "is UTF-16 text; convert it to UTF-8"),
         ("latin1.txt", "café".encode("latin-1"), "invalid UTF-8 at byte 3"),
@@ -77,8 +86,6 @@ def test_folders_skip_hidden_files_and_folders(tmp_path):
 
 
 def test_file_names_that_are_not_utf8(tmp_path):
-    import os
-
     folder = tmp_path / "nf"
     folder.mkdir()
     try:
@@ -97,7 +104,7 @@ def test_missing_paths_and_empty_globs(tmp_path):
     with pytest.raises(CorpusError, match="matches no files"):
         resolve_sources([str(tmp_path / "*.txt")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CorpusError, match="no .txt, .md or .jsonl"):
+    with pytest.raises(CorpusError, match="no .txt, .md, .jsonl or .ndjson files"):
         resolve_sources([tmp_path / "empty"])
 
 
@@ -119,3 +126,86 @@ def test_split_edge_cases():
     assert make_split(["a", "b"], val_fraction=0.0, seed=0).num_val == 0
     with pytest.raises(CorpusError, match="val_fraction"):
         make_split(["a"], val_fraction=1.5, seed=0)
+
+
+def _ids(sources):
+    return [f.doc_id for f in resolve_sources(sources)]
+
+
+def test_glob_ids_are_paths_below_the_pattern_folder_and_stay_as_files_are_added(tmp_path, monkeypatch):
+    """Glob ids were bare names, renamed when two met: adding `b/x.txt` changed `a/x.txt`'s id (and split side)."""
+    _write(tmp_path / "data" / "top.txt", "top")
+    _write(tmp_path / "data" / "a" / "x.txt", "alpha")
+    _write(tmp_path / "data" / ".hidden" / "x.txt", "skipped, as folders skip it")
+    pattern = str(tmp_path / "data" / "**" / "*.txt")
+    assert _ids([pattern]) == ["a/x.txt", "top.txt"]
+    _write(tmp_path / "data" / "b" / "x.txt", "beta")
+    _write(tmp_path / "data" / "b" / "c" / "x.txt", "gamma")
+    _write(tmp_path / "data" / "x.txt", "another x")
+    assert _ids([pattern]) == ["a/x.txt", "b/c/x.txt", "b/x.txt", "top.txt", "x.txt"]
+    assert _ids([str(tmp_path / "data" / "*" / "x.txt")]) == ["a/x.txt", "b/x.txt"]
+    assert _ids([str(tmp_path / "data" / "*.txt")]) == ["top.txt", "x.txt"]  # no wildcard folders: names, as before
+    monkeypatch.chdir(tmp_path)  # a relative pattern gives the ids of its absolute form (what `train` records)
+    assert _ids(["data/**/*.txt"]) == _ids(["./data/**/*.txt"]) == _ids([pattern])
+    monkeypatch.chdir(tmp_path / "data")
+    assert _ids(["*/x.txt"]) == ["a/x.txt", "b/x.txt"]
+
+
+def test_two_files_of_one_id_are_an_error_naming_both(tmp_path):
+    """They were renamed by their paths below a common folder: which depended on the other files given."""
+    a = _write(tmp_path / "s" / "a" / "notes.txt", "notes of a")
+    b = _write(tmp_path / "s" / "b" / "notes.txt", "notes of b")
+    assert _ids([a]) == ["notes.txt"]
+    for sources in ([a, b], [b, a]):
+        with pytest.raises(CorpusError, match="would both be document 'notes.txt'") as info:
+            resolve_sources(sources)
+        assert str(a) in str(info.value) and str(b) in str(info.value) and "quoted glob" in str(info.value)
+    assert _ids([str(tmp_path / "s" / "*" / "notes.txt")]) == ["a/notes.txt", "b/notes.txt"]  # what it suggests
+    assert _ids([tmp_path / "s"]) == ["s/a/notes.txt", "s/b/notes.txt"]
+    # two folders of one name: their files' ids meet too
+    _write(tmp_path / "v1" / "data" / "x.txt", "v1")
+    _write(tmp_path / "v2" / "data" / "x.txt", "v2")
+    with pytest.raises(CorpusError, match=r"v1/data/x.txt and .*v2/data/x.txt would both be document 'data/x.txt'"):
+        resolve_sources([tmp_path / "v1" / "data", tmp_path / "v2" / "data"])
+    # one file given twice (directly and in its folder) is still one document, not a clash
+    assert _ids([tmp_path / "s", a]) == ["s/a/notes.txt", "s/b/notes.txt"]
+
+
+def test_a_folder_given_as_dot_has_the_ids_of_its_absolute_path(tmp_path, monkeypatch):
+    """`prepare .` named its documents "/a.txt" (Path(".").name is ""), `train` (absolute sources) "corpus/a.txt"."""
+    _write(tmp_path / "corpus" / "a.txt", "alpha")
+    _write(tmp_path / "corpus" / "sub" / "b.md", "beta")
+    expected = ["corpus/a.txt", "corpus/sub/b.md"]
+    assert _ids([tmp_path / "corpus"]) == expected
+    monkeypatch.chdir(tmp_path / "corpus")
+    assert _ids(["."]) == _ids(["./"]) == _ids([os.getcwd()]) == expected
+    monkeypatch.chdir(tmp_path / "corpus" / "sub")
+    assert _ids([".."]) == expected
+    assert _ids(["b.md"]) == ["b.md"]
+
+
+def test_globs_and_folders_end_on_a_symlink_loop(tmp_path):
+    """`**` followed a symlink to a parent folder for ever."""
+    _write(tmp_path / "data" / "x.txt", "top")
+    _write(tmp_path / "data" / "sub" / "y.txt", "below")
+    try:
+        os.symlink(tmp_path / "data", tmp_path / "data" / "sub" / "loop", target_is_directory=True)
+    except (OSError, NotImplementedError):
+        pytest.skip("no symlinks here")
+    assert _ids([str(tmp_path / "data" / "**" / "*.txt")]) == ["sub/y.txt", "x.txt"]
+    assert _ids([str(tmp_path / "data" / "**")]) == ["sub/y.txt", "x.txt"]
+    assert _ids([tmp_path / "data"]) == ["data/sub/y.txt", "data/x.txt"]
+
+
+def test_ndjson_and_carriage_returns_in_jsonl(tmp_path):
+    lines = [json.dumps({"text": "one\r\ntwo\rthree\n"}), json.dumps({"text": "four"})]
+    _write(tmp_path / "docs" / "a.ndjson", "\r\n".join(lines) + "\r\n")  # CR LF between the lines too
+    _write(tmp_path / "docs" / "b.txt", "one\r\ntwo\rthree\n")
+    files = resolve_sources([tmp_path / "docs"])
+    assert [(f.doc_id, f.is_jsonl) for f in files] == [("docs/a.ndjson", True), ("docs/b.txt", False)]
+    docs = [(d.id, d.text) for f in files for d in iter_documents(f)]
+    assert docs == [
+        ("docs/a.ndjson:1", "one\ntwo\nthree\n"),
+        ("docs/a.ndjson:2", "four"),
+        ("docs/b.txt", "one\ntwo\nthree\n"),
+    ]

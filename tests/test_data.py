@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -85,26 +91,94 @@ def test_chunked_tokenization_equals_whole_text(gpt2_tokenizer, monkeypatch, par
 
 
 def test_files_of_one_name_from_different_folders_are_different_documents(tinyllm_home, gpt2_tokenizer, tmp_path):
-    """They shared an id ("notes.txt"), so the split sent all of them to the same side: here, both to val."""
+    """They shared an id ("notes.txt"), so the split sent all of them to the same side: now a glob tells them apart
+    by their paths below its folder, and the same files given one by one are an error rather than renamed."""
     for name in ("a", "b", "c", "d"):
         (tmp_path / "s" / name).mkdir(parents=True)
         (tmp_path / "s" / name / "notes.txt").write_text(f"notes of {name} " * 300 + "\n")
-    files = [str(tmp_path / "s" / name / "notes.txt") for name in "abcd"]
-    assert [f.doc_id for f in data_mod.resolve_sources(files)] == [f"{n}/notes.txt" for n in "abcd"]
-    data = prepare(files, val_fraction=0.25, progress=False)
+    pattern = str(tmp_path / "s" / "*" / "notes.txt")
+    assert [f.doc_id for f in data_mod.resolve_sources([pattern])] == [f"{n}/notes.txt" for n in "abcd"]
+    data = prepare([pattern], val_fraction=0.25, progress=False)
     assert (data.meta["splits"]["train"]["documents"], data.meta["splits"]["val"]["documents"]) == (3, 1)
-    # two folders of one name, given side by side, keep their files apart too
-    for version in ("v1", "v2"):
-        (tmp_path / version / "data").mkdir(parents=True)
-        (tmp_path / version / "data" / "x.txt").write_text(f"{version} " * 50)
-    ids = [f.doc_id for f in data_mod.resolve_sources([tmp_path / "v1" / "data", tmp_path / "v2" / "data"])]
-    assert ids == ["v1/data/x.txt", "v2/data/x.txt"]
-    # a renamed id that meets another file's ("b/a.txt" twice here) falls back to absolute paths
-    for path in ("r/b/a.txt", "x/a.txt", "x/b/a.txt"):
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text("words " * 20)
-    files = data_mod.resolve_sources([tmp_path / "r" / "b", tmp_path / "x" / "a.txt", tmp_path / "x" / "b" / "a.txt"])
-    assert len({f.doc_id for f in files}) == 3
+    assert data.meta["sources"] == [str(tmp_path / "s" / n / "notes.txt") for n in "abcd"]  # paths, not "a".."d"
+    with pytest.raises(CorpusError, match="would both be document 'notes.txt'"):
+        prepare([str(tmp_path / "s" / n / "notes.txt") for n in "abcd"], progress=False)
+
+
+def test_a_folder_given_as_dot_is_prepared_as_its_absolute_path(tinyllm_home, gpt2_tokenizer, corpus, monkeypatch):
+    """The ids (and so the cache key and split) of `prepare .` differed from those of `train`'s absolute sources."""
+    absolute = prepare([corpus], val_fraction=0.2, progress=False)
+    monkeypatch.chdir(corpus)
+    for relative in (".", "./"):
+        data = prepare([relative], val_fraction=0.2, progress=False)
+        assert data.dir == absolute.dir and data.meta["sources"] == ["corpus"]
+
+
+def test_jsonl_carriage_returns_are_read_as_newlines(tinyllm_home, gpt2_tokenizer, tmp_path):
+    texts = [f"Line {i} of a record\nand its second line\n" * 20 for i in range(6)]
+    lf, crlf = tmp_path / "lf.jsonl", tmp_path / "crlf.ndjson"
+    lf.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    crlf.write_text("".join(json.dumps({"text": t.replace("\n", "\r\n")}) + "\n" for t in texts))
+    a, b = (prepare([p], val_fraction=0.0, progress=False) for p in (lf, crlf))
+    assert a.tokens("train").tolist() == b.tokens("train").tolist()
+    assert "\r" not in gpt2_tokenizer.decode(b.tokens("train").tolist())
+    assert a.num_bytes("train") == b.num_bytes("train") == sum(len(t) for t in texts)
+    # a cache of the CRs (prepared before they were read as LF) is not reused: the key marks them
+    key = data_mod._content_key(data_mod.resolve_sources([crlf]), tokenizer="gpt2", val_fraction=0.0, seed=1)
+    crlf.write_text(crlf.read_text().replace("\\r", "\\u000d"))
+    assert data_mod._content_key(data_mod.resolve_sources([crlf]), tokenizer="gpt2", val_fraction=0.0, seed=1) != key
+    escape = data_mod._JSONL_CR
+    assert escape.search(b'"a\\r\\n"') and escape.search(b'"a\\u000D"') and not escape.search(b'"a\\n"')
+
+
+def _staging(cache, name, age_s=0.0):
+    path = cache / name
+    path.mkdir(parents=True)
+    (path / "train.bin").write_bytes(b"\0\0")
+    if age_s:
+        old = time.time() - age_s
+        os.utime(path / "train.bin", (old, old))
+        os.utime(path, (old, old))
+    return path
+
+
+def test_a_build_removes_stale_staging_directories_only(tinyllm_home, gpt2_tokenizer, corpus):
+    """A prepare killed by SIGTERM left `.<key>-*` staging directories beside the cache for ever."""
+    cache, key, host = tinyllm_home / "data", "0123456789abcdef" * 2, data_mod._host()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    day = data_mod.STALE_STAGING_SECONDS
+    removed = [
+        _staging(cache, f".{key}-{dead}@{host}-k1ll3d_"),  # this machine's, its process gone
+        _staging(cache, f".{key}-{os.getpid()}@other-host-0ld", age_s=day + 60),  # another machine's, idle a day
+        _staging(cache, f".{key}-abc_123x", age_s=day + 60),  # named before names held the process: by age
+        _staging(cache, f".{key}-{os.getpid()}@{host}-r3us3d", age_s=day + 60),  # its process id taken since
+    ]
+    kept = [
+        _staging(cache, f".{key}-{os.getpid()}@{host}-runn1ng"),  # this process's (still building)
+        _staging(cache, f".{key}-{dead}@other-host-r3cent", age_s=60),  # another machine's, written a minute ago
+        _staging(cache, f".{key}-abc_456y", age_s=60),
+        _staging(cache, ".not-a-staging-dir", age_s=day + 60),
+    ]
+    data = prepare([corpus], progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([data.dir.name] + [p.name for p in kept])
+    assert not any(p.exists() for p in removed)
+
+
+def test_an_interrupted_build_removes_its_staging_directory(tinyllm_home, gpt2_tokenizer, corpus, monkeypatch):
+    real = data_mod.iter_documents
+    seen = []
+
+    def interrupted(source):
+        seen.append(source)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        yield from real(source)
+
+    monkeypatch.setattr(data_mod, "iter_documents", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([corpus], progress=False)
+    assert len(seen) == 3 and list((tinyllm_home / "data").iterdir()) == []
 
 
 def test_the_pipeline_writes_every_piece_in_order(tinyllm_home, gpt2_tokenizer, corpus, monkeypatch):

@@ -188,7 +188,8 @@ def test_validation_errors_name_the_field(gpt2_tokenizer: Tokenizer) -> None:
         err = _openai_error(latin1, 400)  # FastAPI's "There was an error parsing the body", code null, before
         assert err["code"] == "invalid_json" and "not UTF-8" in err["message"]
         # valid JSON sent without saying so (curl -d's form type, text/plain, none): 415 saying what to send
-        for headers in ({"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"}, {}):
+        kinds = ["application/x-www-form-urlencoded", "text/plain", "text/json", "application/jsonp", "json"]
+        for headers in [{"Content-Type": kind} for kind in kinds] + [{}]:
             body = _flat_error(client.post("/generate/custom", content=b'{"prompt": "x"}', headers=headers), 415)
             assert "Content-Type: application/json" in body["detail"] and body["code"] == "unsupported_media_type"
         chat = client.post("/v1/chat/completions", content=b"{}", headers={"Content-Type": "text/plain"})

@@ -369,3 +369,9 @@ def test_page_and_static_paths(client: TestClient) -> None:
         assert r.status_code == 404 and r.json()["type"] == "not_found_error"
     missing = client.get("/static/definitely-not-here.js")
     assert missing.status_code == 404 and "detail" in missing.json()
+    # the page runs only its own script, talks only to this server, and cannot be framed by another site
+    csp = r.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "connect-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+    api = client.get("/health")  # API answers are never sniffed as HTML; the docs page keeps its CDN scripts
+    assert api.headers["x-content-type-options"] == "nosniff" and "content-security-policy" not in api.headers

@@ -1,17 +1,25 @@
 """Where text comes from: the built-in corpus or the user's files, folders, globs and JSONL.
 
 A corpus is a list of sources resolved to files; each file yields documents lazily (a `.txt`/`.md` file is
-one document, each line of a `.jsonl` file with a `text` field is one), so memory does not grow with
-corpus size. The train/validation split is by whole document, seeded and deterministic: a document's
-side depends only on the seed and its stable id (its path relative to the source it came from, plus the
-line for JSONL; files that would share an id, such as two `notes.txt` from different folders, are told
-apart by their paths below their common folder), never on the machine or the order of discovery.
-Folders are searched recursively, skipping hidden files and folders (`.git`, `.ipynb_checkpoints`).
+one document, each line of a `.jsonl`/`.ndjson` file with a `text` field is one), so memory does not grow with
+corpus size. The train/validation split is by whole document, seeded and deterministic: a document's side
+depends only on the seed and its stable id, never on the machine, the order of discovery or the other files.
+A file's id (plus the line for JSONL) is a function of its source argument and the file alone:
+
+- a file given directly: its name (`notes.txt`);
+- a folder: the folder's name and the path below it (`docs/sub/c.txt`; `.` is named as its absolute path is);
+- a glob: the path below the pattern's folder before its first wildcard (`data/**/*.txt` gives `a/x.txt`);
+- the built-in corpus: `shakespeare/<file>`.
+
+Two files that would share an id (two `notes.txt` given directly) are an error naming both, not renamed: a
+rename that depends on which other files are present would move documents across the split as a corpus grows.
+Folders and `**` skip hidden files and folders (`.git`, `.ipynb_checkpoints`); `**` does not follow symlinked
+folders, so a symlink loop ends.
 """
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import hashlib
 import json
 import logging
@@ -27,8 +35,9 @@ from tinyllm.errors import TinyLLMError
 logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md")
-JSONL_SUFFIXES = (".jsonl",)
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
 BUILTIN = "shakespeare"
+_WILDCARDS = "*?["
 
 
 class CorpusError(TinyLLMError):
@@ -40,7 +49,8 @@ class SourceFile:
     """One file of the corpus, with the stable id prefix its documents carry."""
 
     path: Path
-    doc_id: str  # stable across machines: the path relative to the source argument it came from
+    doc_id: str  # stable across machines and corpus growth: see the module docstring
+    source: str = ""  # what prepared metadata lists it under: the built-in corpus's or a folder's name, else its path
 
     @property
     def is_jsonl(self) -> bool:
@@ -60,7 +70,11 @@ def absolute_sources(sources: Sequence[str | Path]) -> tuple[str, ...]:
 
 
 def resolve_sources(sources: Sequence[str | Path] | None) -> list[SourceFile]:
-    """Expand paths, folders and globs into a sorted list of files; None or "shakespeare" is the built-in corpus."""
+    """Expand paths, folders and globs into a sorted list of files; None or "shakespeare" is the built-in corpus.
+
+    Raises:
+        CorpusError: a source is missing or matches nothing, or two files would share a document id.
+    """
     if not sources:
         sources = [BUILTIN]
     files: list[SourceFile] = []
@@ -70,63 +84,116 @@ def resolve_sources(sources: Sequence[str | Path] | None) -> list[SourceFile]:
             from tinyllm import assets
 
             root = assets.fetch_shakespeare()
-            files += [SourceFile(p, f"{BUILTIN}/{p.name}") for p in sorted(root.glob("*.txt"))]
+            files += [SourceFile(p, f"{BUILTIN}/{p.name}", BUILTIN) for p in sorted(root.glob("*.txt"))]
             continue
         path = Path(text).expanduser()
         if path.is_dir():
             found = sorted(
                 p
-                for p in path.rglob("*")
+                for p in path.rglob("*")  # (pathlib's rglob does not descend into symlinked folders)
                 if p.is_file()
                 and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not found:
-                raise CorpusError(f"{path}: folder has no .txt, .md or .jsonl files; add some or pass files directly")
-            files += [SourceFile(p, f"{path.name}/{p.relative_to(path).as_posix()}") for p in found]
+                raise CorpusError(
+                    f"{path}: folder has no .txt, .md, .jsonl or .ndjson files; add some or pass files directly"
+                )
+            # named as its absolute path is (what `train` records), so `.`, `./` and `/abs/dir` give one id
+            name = Path(os.path.abspath(path)).name
+            prefix = f"{name}/" if name else ""
+            files += [SourceFile(p, prefix + p.relative_to(path).as_posix(), name or str(path)) for p in found]
         elif path.is_file():
-            files.append(SourceFile(path, path.name))
-        elif any(ch in text for ch in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            files.append(SourceFile(path, path.name, str(path)))
+        elif any(ch in text for ch in _WILDCARDS):
+            matches = _glob(path)
             if not matches:
                 raise CorpusError(f"{text}: pattern matches no files; check the pattern")
-            files += [SourceFile(p, p.name) for p in matches]
+            files += [SourceFile(p, doc_id, str(p)) for p, doc_id in matches]
         else:
             raise CorpusError(f"{text}: no such file or folder; pass text files, folders, globs or 'shakespeare'")
-    seen: set[Path] = set()
-    unique = []
+    unique: dict[Path, SourceFile] = {}
+    by_id: dict[str, SourceFile] = {}
     for f in files:
-        if f.path.resolve() not in seen:
-            seen.add(f.path.resolve())
-            unique.append(f)
-    return _distinct_ids(unique)
-
-
-def _distinct_ids(files: list[SourceFile]) -> list[SourceFile]:
-    """Files whose ids coincide (same name from different folders) get their paths below their common folder:
-    one id for two files would put both on the same side of the split."""
-    groups: dict[str, list[int]] = {}
-    for i, f in enumerate(files):
-        groups.setdefault(f.doc_id, []).append(i)
-    out = list(files)
-    for same in groups.values():
-        if len(same) < 2:
+        resolved = f.path.resolve()
+        if resolved in unique:  # the same file twice (given directly and inside a folder): read once
             continue
-        paths = [files[i].path.resolve() for i in same]
-        common = Path(os.path.commonpath(paths))
-        for i, path in zip(same, paths, strict=True):
-            out[i] = SourceFile(files[i].path, path.relative_to(common).as_posix())
-    ids = [f.doc_id for f in out]
-    if len(set(ids)) < len(ids):  # a renamed id met another file's: the absolute paths are distinct
-        out = [SourceFile(f.path, f.path.resolve().as_posix()) if ids.count(f.doc_id) > 1 else f for f in out]
-    return out
+        other = by_id.get(f.doc_id)
+        if other is not None:
+            raise CorpusError(
+                f"{other.path} and {f.path} would both be document {f.doc_id!r}, and a document's id decides its "
+                f"side of the split; pass their common folder, or a quoted glob such as 'dir/*/{f.path.name}' (whose "
+                "ids are the paths below 'dir'), instead of the files or folders one by one"
+            )
+        unique[resolved] = by_id[f.doc_id] = f
+    return list(unique.values())
+
+
+def _glob(pattern: Path) -> list[tuple[Path, str]]:
+    """The files a glob matches, sorted, each with its id: its path below the pattern's folder before its first
+    wildcard. `**` is any number of folders, walked without following symlinks (a symlink loop ends); hidden
+    names match only a part that starts with a dot, as in `glob`."""
+    parts = pattern.parts
+    fixed = next((i for i, part in enumerate(parts) if any(ch in part for ch in _WILDCARDS)), None)
+    if fixed is None:  # (a wildcard only in a `~user` part that expanded away): no pattern left to match
+        return []
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    found = {p for p in _match(base, parts[fixed:]) if p.is_file()}
+    return sorted((p, p.relative_to(base).as_posix()) for p in found)
+
+
+def _match(folder: Path, parts: Sequence[str]) -> Iterator[Path]:
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        for top, dirs, names in os.walk(folder, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            if rest:
+                yield from _match(Path(top), rest)
+            else:
+                yield from (Path(top, n) for n in sorted(names) if not n.startswith("."))
+        return
+    if not any(ch in head for ch in _WILDCARDS):
+        names = [head]
+    else:
+        try:
+            names = fnmatch.filter(sorted(os.listdir(folder)), head)
+        except OSError:  # not a folder, or unreadable: nothing matches below it
+            return
+        if not head.startswith("."):
+            names = [n for n in names if not n.startswith(".")]
+    for name in names:
+        child = folder / name
+        if not rest:
+            yield child
+        elif child.is_dir():
+            yield from _match(child, rest)
+
+
+_BOM = b"\xef\xbb\xbf"
+_WIDE_BOMS = {  # (UTF-32's before UTF-16's: "\xff\xfe" opens both little-endian marks)
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
+
+
+def _newlines(text: str) -> str:
+    """Windows' CR LF (and old Macs' CR) read as LF, as Python's text files do: the model learns one newline."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def _wide_encoding(path: Path, raw: bytes) -> CorpusError:
+    """The error for UTF-16/UTF-32 text (Notepad's "Unicode"), whose NUL bytes would read as binary."""
+    name = next((enc for bom, enc in _WIDE_BOMS.items() if raw.startswith(bom)), None)
+    if name is None:  # no byte-order mark: JSON's rule (RFC 4627) tells the width from where the NULs fall
+        name = json.detect_encoding(raw).upper().split("-LE")[0].split("-BE")[0]
+    return CorpusError(f"{path}: is {name} text; convert it to UTF-8 (e.g. `iconv -f {name.lower()} -t utf-8`)")
 
 
 def _decode(path: Path, raw: bytes) -> str:
-    if not raw.strip():
-        raise CorpusError(f"{path}: file is empty; remove it or add text")
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) and b"\x00" in raw[:8192]:  # UTF-16 (Notepad's "Unicode")
-        raise CorpusError(f"{path}: is UTF-16 text; convert it to UTF-8 (e.g. `iconv -f utf-16 -t utf-8`)")
+    if raw.startswith(tuple(_WIDE_BOMS)) and b"\x00" in raw[:8192]:
+        raise _wide_encoding(path, raw)
     if b"\x00" in raw[:8192]:
         raise CorpusError(f"{path}: looks like a binary file (NUL bytes); pass UTF-8 text files only")
     try:
@@ -135,8 +202,9 @@ def _decode(path: Path, raw: bytes) -> str:
         raise CorpusError(
             f"{path}: invalid UTF-8 at byte {exc.start}; convert it to UTF-8 (e.g. `iconv -t utf-8`)"
         ) from None
-    # Windows' CR LF (and old Macs' CR) read as LF, as Python's text files do: the model learns one newline
-    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+    if not text.strip():  # (after decoding: a byte-order mark alone, or Unicode spaces, is empty too)
+        raise CorpusError(f"{path}: file is empty; remove it or add text")
+    return _newlines(text)
 
 
 def iter_documents(source: SourceFile) -> Iterator[Document]:
@@ -149,10 +217,14 @@ def iter_documents(source: SourceFile) -> Iterator[Document]:
         with open(path, "rb") as f:
             any_doc = False
             for lineno, raw in enumerate(f, start=1):
+                if b"\x00" in raw and json.detect_encoding(raw) not in ("utf-8", "utf-8-sig"):
+                    raise _wide_encoding(path, raw)  # rather than "not valid JSON" about its first NUL
+                if lineno == 1:  # a byte-order mark (Windows tools write one) may open the file
+                    raw = raw.removeprefix(_BOM)
                 if not raw.strip():
                     continue
-                try:  # a byte-order mark (Windows tools write one) may open the file
-                    record = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+                try:
+                    record = json.loads(raw.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                     raise CorpusError(
                         f"{path}:{lineno}: not valid JSON ({exc}); each line must be a JSON object"
@@ -168,7 +240,7 @@ def iter_documents(source: SourceFile) -> Iterator[Document]:
                     ) from None
                 if record["text"].strip():
                     any_doc = True
-                    yield Document(f"{source.doc_id}:{lineno}", record["text"])
+                    yield Document(f"{source.doc_id}:{lineno}", _newlines(record["text"]))
             if not any_doc:
                 raise CorpusError(f'{path}: no non-empty documents; add lines like {{"text": "..."}}')
     except OSError as exc:

@@ -4,7 +4,8 @@
 appends to `train.bin` / `val.bin`; a document ends with the end-of-text token. The cache key hashes the
 tokenizer, the split settings and every file's bytes, so a second run reuses the shards and a changed file
 invalidates them. The cache directory is written under a temporary name and renamed into place, so an
-interrupted run never leaves a half-written cache.
+interrupted run never leaves a half-written cache; a run that fails removes its staging directory, and one
+that was killed leaves it to the next build, which removes it once it is stale (`_remove_stale_staging`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -63,6 +65,12 @@ WRITE_TOKENS = 1 << 22  # tokens buffered per split before a write
 # would. (After "\n\n" it would not: a piece ending in "\n\n" makes one pre-token of both.)
 _SAFE_BREAK = re.compile(r"(?<=\S)\n(?=\S)")
 _WORD_BREAK = re.compile(r"\s(?=\S)")
+# JSON's escapes of a carriage return ("\r", "\u000d"): JSONL texts' CR LF are read as LF since (see `_content_key`)
+_JSONL_CR = re.compile(rb"\\(?:r|u000[dD])")
+# A build stages its shards in `.<key>-<pid>@<host>-<random>` beside the cache (tempfile.mkdtemp's random part
+# has no "-"); a process killed mid-build (SIGTERM, SIGKILL, power loss) leaves its staging directory behind.
+_STAGING = re.compile(r"\.[0-9a-f]{32}-(?:(?P<pid>\d+)@(?P<host>[\w.-]*)-)?[a-z0-9_]+")
+STALE_STAGING_SECONDS = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -108,19 +116,26 @@ def _content_key(
     digest.update(json.dumps([FORMAT_VERSION, tokenizer, val_fraction, seed]).encode())
     if val_threshold is not None:  # a recorded split: other shards than val_fraction's (whose keys stay as they were)
         digest.update(f"val_threshold: {val_threshold}".encode())
-    carriage_returns = False
+    carriage_returns = jsonl_carriage_returns = False
     for f in files:
         digest.update(f.doc_id.encode("utf-8", "surrogateescape") + b"\0")
+        tail = b""  # an escape cut between two blocks
         try:
             with open(f.path, "rb") as fh:
                 for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                     digest.update(block)
-                    carriage_returns = carriage_returns or (not f.is_jsonl and b"\r" in block)
+                    if f.is_jsonl:
+                        jsonl_carriage_returns = jsonl_carriage_returns or bool(_JSONL_CR.search(tail + block))
+                        tail = block[-5:]
+                    else:
+                        carriage_returns = carriage_returns or b"\r" in block
         except OSError as exc:
             raise CorpusError(f"{f.path}: cannot read ({exc.strerror}); check permissions") from None
         digest.update(b"\0")
     if carriage_returns:  # text files' CR LF are read as LF since: shards cached before kept the CRs
         digest.update(b"newlines: LF")
+    if jsonl_carriage_returns:  # and JSONL texts' since later
+        digest.update(b"jsonl newlines: LF")
     return digest.hexdigest()
 
 
@@ -279,9 +294,12 @@ def _build(
     ids = (d for f in files for d in iter_document_ids(f))
     split = make_split(ids, val_fraction=val_fraction, seed=seed, threshold=val_threshold)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    _remove_stale_staging(target.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-{os.getpid()}@{_host()}-", dir=target.parent))
+    writers: dict[str, _SplitWriter] = {}
     try:
-        writers = {name: _SplitWriter(staging / f"{name}.bin") for name in SPLITS}
+        for name in SPLITS:
+            writers[name] = _SplitWriter(staging / f"{name}.bin")
         total = sum(f.path.stat().st_size for f in files)
         with (
             tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress or None) as bar,
@@ -314,7 +332,7 @@ def _build(
             "content_hash": key,
             "val_threshold": split.threshold,  # which documents are held out (see `make_split`)
             "documents": split.num_documents,
-            "sources": sorted({f.doc_id.split("/", 1)[0] if "/" in f.doc_id else str(f.path) for f in files}),
+            "sources": sorted({f.source or str(f.path) for f in files}),
             "files": len(files),
             "splits": {
                 name: {"documents": w.documents, "bytes": w.bytes, "tokens": w.tokens} for name, w in writers.items()
@@ -328,11 +346,60 @@ def _build(
             os.replace(staging, target)
         except OSError:  # another process finished the same corpus first: use theirs
             shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
+    except BaseException:  # an error or Ctrl-C: no staging directory left behind (open files closed first, for Windows)
+        for w in writers.values():
+            w.file.close()
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("prepared %s in %.1fs", target, time.perf_counter() - started)
     return PreparedData.load(target)
+
+
+def _host() -> str:
+    """This machine's name as it can stand in a file name (a shared cache may be written from several)."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64]
+
+
+def _pid_running(pid: int) -> bool:
+    if os.name != "posix":  # Windows' os.kill(pid, 0) would end the process: count it as running
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError): it runs
+        return True
+    return True
+
+
+def _remove_stale_staging(root: Path) -> None:
+    """Remove the staging directories that builds killed mid-way left in `root`; never one still in use.
+
+    A staging directory is stale when its name records a process of this machine that no longer runs, or when
+    nothing in it was written for `STALE_STAGING_SECONDS` (a day). The second rule covers what the first cannot
+    check: another machine's directory in a shared cache, one named before names recorded their process, one
+    whose process id a later process took (a container's processes often reuse the same few). A running build
+    writes its shards every few seconds, so only a build stopped (not killed) for a day could lose its directory.
+    """
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        match = _STAGING.fullmatch(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        stale = bool(match["pid"]) and match["host"] == _host() and not _pid_running(int(match["pid"]))
+        if not stale:
+            try:
+                times = [entry.stat(follow_symlinks=False).st_mtime, *(c.stat().st_mtime for c in os.scandir(entry))]
+            except OSError:  # removed meanwhile (its build finished or failed)
+                continue
+            stale = now - max(times) > STALE_STAGING_SECONDS
+        if stale:
+            logger.info("removing %s, left by an interrupted build", entry.path)
+            shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def train_tokenizer(
@@ -362,7 +429,11 @@ def train_tokenizer(
     target = trained_tokenizers_dir() / tok.name
     if not (target / TOKENIZER_JSON).exists():
         staging = Path(tempfile.mkdtemp(prefix=f".{tok.name}-", dir=_mkdir(trained_tokenizers_dir())))
-        save_tokenizer(tok, staging)
+        try:
+            save_tokenizer(tok, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         try:
             os.replace(staging, target)
         except OSError:  # another process saved the same tokenizer first

@@ -178,6 +178,12 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
     return APIError("; ".join(messages) + more, param=_loc_to_param(first.get("loc", ())), status=422)
 
 
+def _is_json(content_type: str) -> bool:
+    """application/json or application/<anything>+json, parameters aside (what FastAPI reads as JSON)."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; the catch-all for bugs lives in the request middleware (see middleware.py)."""
 
@@ -191,7 +197,7 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         errors = exc.errors()
         content_type = request.headers.get("content-type", "")
-        if errors and tuple(errors[0].get("loc", ())) == ("body",) and "json" not in content_type.lower():
+        if errors and tuple(errors[0].get("loc", ())) == ("body",) and not _is_json(content_type):
             # the body was not read as JSON (no Content-Type is not JSON either: a cross-site form cannot post it)
             sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
             message = f"send the body as JSON with Content-Type: application/json (got {sent})"

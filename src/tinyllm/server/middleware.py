@@ -26,6 +26,16 @@ logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("tinyllm.server.access")
 
 REQUEST_ID_HEADER = "x-request-id"
+# The web page loads only its own script and style and talks only to this server; nobody may frame it.
+PAGE_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        b"object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Reachable without the API key: liveness, the web page (which then sends the key itself) and the API docs.
 PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -72,6 +82,9 @@ class RequestContextMiddleware:
                 status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER.encode()]
                 headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                headers.append((b"x-content-type-options", b"nosniff"))
+                if scope["path"] == "/" or scope["path"].startswith("/static/"):
+                    headers += PAGE_HEADERS
                 message = {**message, "headers": headers}
             await send(message)
 

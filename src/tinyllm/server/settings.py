@@ -119,8 +119,8 @@ class ServerSettings:
             raise SettingsError(f"torch_threads must be >= 0 (0: torch's choice), got {self.torch_threads}")
         if self.request_timeout_s <= 0:
             raise SettingsError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
-        if self.api_key == "":
-            object.__setattr__(self, "api_key", None)
+        if self.api_key is not None:  # a key pasted with a newline or spaces is the key without them
+            object.__setattr__(self, "api_key", self.api_key.strip() or None)
         self.resolved_device()  # an unknown device, or one this machine lacks: an error now, not at load
 
     def resolved_device(self) -> torch.device:
