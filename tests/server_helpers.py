@@ -20,6 +20,7 @@ from tinyllm.server import ServerSettings, create_app
 from tinyllm.server.worker import EngineFactory, LoadedModel, Loader, default_engine
 from tinyllm.tokenizer import Tokenizer
 
+LOCAL = "http://localhost"  # a loopback server answers only to loopback host names (TestClient's is "testserver")
 BLOCK_SIZE = 64
 
 
@@ -118,6 +119,7 @@ def serving(
     app = create_app(
         settings, loaders=loaders if loaders is not None else tiny_loaders(tokenizer), engine_factory=engine_factory
     )
+    client_kwargs.setdefault("base_url", LOCAL)
     with TestClient(app, raise_server_exceptions=False, **client_kwargs) as client:
         yield client
 

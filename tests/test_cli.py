@@ -128,7 +128,7 @@ def test_generate_samples_as_the_seed_route_does(tinyllm_home, gpt2_tokenizer, t
     assert main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "Once upon", "--seed", "7"]) == 0
     printed = capsys.readouterr().out.removesuffix("\n")  # print()'s own newline
     settings = ServerSettings(checkpoint=str(tmp_path / "ckpt"), gpt2=None, slots=1, compile=False)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://localhost") as client:
         served = client.post("/generate/custom", json={"prompt": "Once upon", "seed": 7}).json()["generated_text"]
     assert printed == served and len(printed) > len("Once upon")
 

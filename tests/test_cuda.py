@@ -140,7 +140,7 @@ def test_the_server_decodes_on_the_gpu_and_a_request_in_a_busy_batch_equals_it_a
     gate = threading.Event()
     body = [{"model": "custom", "prompt": f"number {i} " * (i + 1), "max_tokens": 10, "temperature": 0.8, "seed": i}
             for i in range(4)]  # fmt: skip
-    with TestClient(create_app(settings, engine_factory=held_engine(gate))) as client:
+    with TestClient(create_app(settings, engine_factory=held_engine(gate)), base_url="http://localhost") as client:
         model = client.get("/ready").json()["models"]["custom"]
         assert (model["state"], model["device"]) == ("ready", "cuda:0")
         worker = client.app.state.workers["custom"]

@@ -16,6 +16,7 @@ from tinyllm.engine import Engine, PromptTooLongError, QueueFullError
 from tinyllm.sampling import SamplingError
 from tinyllm.server import ServerSettings, create_app
 from tinyllm.server.errors import to_api_error
+from tinyllm.server.settings import SettingsError
 from tinyllm.server.worker import LoadedModel
 from tinyllm.tokenizer import Tokenizer
 
@@ -43,7 +44,7 @@ def _flat_error(r, status: int) -> dict:  # noqa: ANN001
 
 def test_missing_models_leave_the_server_up_with_503s_that_say_how_to_fix(tmp_path: Path) -> None:
     settings = ServerSettings(checkpoint=str(tmp_path / "runs" / "default"), gpt2=str(tmp_path / "no-gpt2"))
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://localhost") as client:
         assert client.get("/health").status_code == 200
         ready = client.get("/ready")
         assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
@@ -58,7 +59,7 @@ def test_missing_models_leave_the_server_up_with_503s_that_say_how_to_fix(tmp_pa
 
 
 def test_disabled_gpt2_says_how_to_enable() -> None:
-    with TestClient(create_app(SETTINGS)) as client:
+    with TestClient(create_app(SETTINGS), base_url="http://localhost") as client:
         body = _flat_error(client.post("/generate/gpt2", json={"prompt": "hi"}), 503)
         assert body["code"] == "model_disabled" and "disabled" in body["detail"]
 
@@ -71,7 +72,7 @@ def test_a_slow_model_is_503_loading_until_it_is_ready(gpt2_tokenizer: Tokenizer
         return LoadedModel(tiny_model(), gpt2_tokenizer)
 
     settings = SETTINGS.replace(load_wait_s=0.05)
-    with TestClient(create_app(settings, loaders={"custom": slow_loader})) as client:
+    with TestClient(create_app(settings, loaders={"custom": slow_loader}), base_url="http://localhost") as client:
         r = client.post("/generate/custom", json={"prompt": "hi", "max_new_tokens": 2})
         assert _flat_error(r, 503)["code"] == "model_loading" and r.headers["retry-after"] == "5"
         assert client.get("/ready").json()["models"]["custom"]["state"] == "loading"
@@ -94,7 +95,7 @@ def test_real_checkpoint_and_local_gpt2_directory_load(tmp_path: Path, gpt2_toke
     save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
     (hf_dir / "config.json").write_text(json.dumps(hf_config_dict(tiny_model().config)))
     settings = ServerSettings(checkpoint=str(run), gpt2=str(hf_dir), slots=2)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://localhost") as client:
         assert client.get("/ready").json()["status"] == "ready"
         body = {"prompt": "Hello", "max_new_tokens": 3, "temperature": 0}
         a = client.post("/generate/custom", json=body)
@@ -118,7 +119,9 @@ def test_a_gpt2_directory_whose_vocabulary_the_tokenizer_overruns_is_unavailable
     state = {k: v.contiguous() for k, v in to_hf_state_dict(small).items() if k != "lm_head.weight"}
     save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
     (hf_dir / "config.json").write_text(json.dumps(hf_config_dict(small.config)))
-    with TestClient(create_app(ServerSettings(checkpoint=None, gpt2=str(hf_dir), slots=1))) as client:
+    with TestClient(
+        create_app(ServerSettings(checkpoint=None, gpt2=str(hf_dir), slots=1)), base_url="http://localhost"
+    ) as client:
         gpt2 = client.get("/ready").json()["models"]["gpt2"]
         assert gpt2["state"] == "unavailable" and "1000-token vocabulary" in gpt2["error"]
         r = client.post("/generate/gpt2", json={"prompt": "Hello"})
@@ -344,3 +347,37 @@ def test_a_bug_is_a_generic_500_and_a_log_line(gpt2_tokenizer: Tokenizer, caplog
         flat = _flat_error(client.post("/generate/custom", json={"prompt": "x"}), 500)
         assert "secret" not in flat["detail"]
     assert any("bug-1" in rec.getMessage() and rec.exc_info for rec in caplog.records)
+
+
+# --- host names ----------------------------------------------------------------------------------------------------
+
+
+def test_a_loopback_server_answers_only_to_loopback_host_names(gpt2_tokenizer: Tokenizer) -> None:
+    """DNS rebinding: a page on evil.example re-points its name at 127.0.0.1 and is then same-origin with us."""
+    from tinyllm.server.middleware import host_name
+
+    assert [host_name(h) for h in ("LocalHost:5000", "[::1]:5000", "::1", "127.0.0.1")] == [
+        "localhost",
+        "::1",
+        "::1",
+        "127.0.0.1",
+    ]
+    body = {"prompt": "Hi", "max_new_tokens": 1}
+    with serving(gpt2_tokenizer) as client:
+        for host in ("localhost:5000", "127.0.0.1:5000", "[::1]:5000", "LOCALHOST"):
+            assert client.post("/generate/custom", json=body, headers={"host": host}).status_code == 200, host
+        for path in ("/generate/custom", "/v1/completions", "/health"):
+            r = client.post(path, json=body, headers={"host": "evil.example:5000"})
+            err = _openai_error(r, 400) if path.startswith("/v1") else _flat_error(r, 400)
+            assert err["code"] == "invalid_host"
+            assert "'evil.example'" in r.text and "TINYLLM_ALLOWED_HOSTS" in r.text
+    named = ServerSettings(checkpoint=None, gpt2=None, slots=1, allowed_hosts=("*.example.com", "Box"))
+    with serving(gpt2_tokenizer, settings=named) as client:
+        for host, status in {"api.example.com": 200, "box:80": 200, "example.org": 400, "localhost": 400}.items():
+            assert client.get("/health", headers={"host": host}).status_code == status, host
+    everyone = ServerSettings(checkpoint=None, gpt2=None, slots=1, host="0.0.0.0")  # the Docker image's bind
+    with serving(gpt2_tokenizer, settings=everyone) as client:
+        assert client.get("/health", headers={"host": "my-box.lan:5000"}).status_code == 200
+    assert ServerSettings.from_env({"TINYLLM_ALLOWED_HOSTS": "a.lan, B.lan"}).allowed_hosts == ("a.lan", "b.lan")
+    with pytest.raises(SettingsError, match="allowed_hosts is empty"):
+        ServerSettings(allowed_hosts=(" ",))

@@ -45,6 +45,7 @@ APP = create_app(
         max_queue=32,
         max_new_tokens_cap=4,
         sampling=SamplingDefaults(max_new_tokens=4),
+        allowed_hosts=("localhost", "testserver"),  # schemathesis's ASGI client sends Host: testserver
     ),
     loaders={
         "custom": lambda: LoadedModel(tiny_model(0), TOKENIZER),

@@ -56,7 +56,7 @@ async def _disconnect_mid_stream(
         "raw_path": path.encode(),
         "root_path": "",
         "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+        "headers": [(b"content-type", b"application/json"), (b"host", b"localhost")],
         "client": ("127.0.0.1", 1234),
         "server": ("127.0.0.1", 80),
         "state": {},

@@ -49,7 +49,7 @@ PROMPT_IDS = [464, 2003, 286, 9552, 318]
 def client() -> Iterator[TestClient]:
     """The app without models (none are needed to serve the page), with an API key the page must not need."""
     app = create_app(ServerSettings(checkpoint=None, gpt2=None, api_key=API_KEY))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         yield c
 
 

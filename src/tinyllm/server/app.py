@@ -24,15 +24,18 @@ from tinyllm import __version__
 from tinyllm.server import routes_openai, routes_ops, routes_seed
 from tinyllm.server.errors import install_error_handlers
 from tinyllm.server.metrics import Metrics
-from tinyllm.server.middleware import APIKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from tinyllm.server.middleware import (
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    HostCheckMiddleware,
+    RequestContextMiddleware,
+)
 from tinyllm.server.routes_ops import STATIC_DIR
-from tinyllm.server.settings import ServerSettings
+from tinyllm.server.settings import LOOPBACK_HOSTS, ServerSettings
 from tinyllm.server.worker import EngineFactory, Loader, ModelWorker, default_engine, default_loaders
 from tinyllm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def _wait_for(workers: Mapping[str, ModelWorker], timeout: float) -> None:
@@ -110,6 +113,8 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    if "*" not in (allowed := settings.resolved_allowed_hosts()):
+        app.add_middleware(HostCheckMiddleware, allowed=allowed)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes)
     return app
 
@@ -123,7 +128,7 @@ def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.host not in _LOOPBACK and not settings.api_key:
+    if settings.host not in LOOPBACK_HOSTS and not settings.api_key:
         logger.warning(
             "serving on %s without an API key: anyone who can reach this machine can use it "
             "(set TINYLLM_API_KEY or --api-key)",

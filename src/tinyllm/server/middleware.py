@@ -2,8 +2,10 @@
 
 1. `RequestContextMiddleware`: X-Request-ID (echoed, or generated), one structured access-log line per
    request, request metrics, and the catch-all that turns a bug into a generic 500 JSON and logs it.
-2. `APIKeyMiddleware`: `Authorization: Bearer <key>` on every route but the public ones (401 JSON).
-3. `BodyLimitMiddleware`: 413 JSON for a body over the limit, by Content-Length or by counting a streamed
+2. `HostCheckMiddleware`: a Host header the server does not answer to gets 400 JSON (DNS rebinding: a web
+   page whose name is made to point at 127.0.0.1 would otherwise reach a loopback server as same-origin).
+3. `APIKeyMiddleware`: `Authorization: Bearer <key>` on every route but the public ones (401 JSON).
+4. `BodyLimitMiddleware`: 413 JSON for a body over the limit, by Content-Length or by counting a streamed
    (chunked) body; the body is read here and replayed to the app.
 """
 
@@ -19,7 +21,13 @@ from collections.abc import Iterable, Sequence
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tinyllm.server.errors import AuthenticationError, PayloadTooLargeError, error_response, internal_error_response
+from tinyllm.server.errors import (
+    APIError,
+    AuthenticationError,
+    PayloadTooLargeError,
+    error_response,
+    internal_error_response,
+)
 from tinyllm.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -114,6 +122,37 @@ class RequestContextMiddleware:
                     "request_id": request_id,
                 },
             )
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port, lower-cased: "[::1]:5000" -> "::1"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostCheckMiddleware:
+    """Answer only requests whose Host header names one of `allowed` (a name, or "*.example.com")."""
+
+    def __init__(self, app: ASGIApp, *, allowed: Iterable[str]) -> None:
+        self.app = app
+        self.allowed = tuple(name.lower() for name in allowed)
+
+    def _allows(self, name: str) -> bool:
+        return any(name == a or (a.startswith("*.") and name.endswith(a[1:])) for a in self.allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        header = _header(scope, b"host") if scope["type"] == "http" else None
+        if header is None or self._allows(host_name(header)):  # no Host at all: not a browser (HTTP/1.0)
+            await self.app(scope, receive, send)
+            return
+        error = APIError(
+            f"this server does not answer to the host name {host_name(header)[:100]!r}; it answers to "
+            f"{', '.join(self.allowed)} (set TINYLLM_ALLOWED_HOSTS to add names, '*' for any)",
+            code="invalid_host",
+        )
+        await error_response(scope["path"], error)(scope, receive, send)
 
 
 class APIKeyMiddleware:

@@ -4,7 +4,8 @@ Besides cli.py this is the only place that reads the environment: TINYLLM_HOST, 
 TINYLLM_API_KEY, TINYLLM_CHECKPOINT, TINYLLM_GPT2 (set it to "", "0", "none" or "off" to disable GPT-2) and
 TINYLLM_COMPILE (on unless set to one of those: compile the batch-1 decode step in the background), and the
 capacity: TINYLLM_SLOTS (sequences decoded together, 8), TINYLLM_MAX_QUEUE (requests waiting beyond them, 64;
-more get 429), TINYLLM_REQUEST_TIMEOUT_S (300) and TINYLLM_MAX_CONTEXT (4096).
+more get 429), TINYLLM_REQUEST_TIMEOUT_S (300) and TINYLLM_MAX_CONTEXT (4096); TINYLLM_ALLOWED_HOSTS (names
+the server answers to, comma-separated).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ DEFAULT_GPT2_SOURCE = "openai-community/gpt2"
 DEFAULT_RUN_DIR = "runs/default"
 _OFF = {"", "0", "none", "off", "false", "no"}
 _NULLABLE = {"checkpoint", "gpt2", "api_key"}
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class SettingsError(TinyLLMError):
@@ -89,6 +91,9 @@ class ServerSettings:
             with a C++ compiler and torch's headers): a lone request then decodes ~1.4-2x faster; until it is
             ready, or where it cannot be built, decoding is eager. Off by default here; `from_env` turns it on
             unless TINYLLM_COMPILE is off.
+        allowed_hosts: the host names requests may be addressed to (their Host header; "*.example.com" covers a
+            domain's names, "*" any name). None: the loopback names when the server binds a loopback address, so
+            a web page cannot reach it through a name re-pointed at 127.0.0.1 (DNS rebinding), else any name.
         sampling: defaults of the seed routes.
     """
 
@@ -107,6 +112,7 @@ class ServerSettings:
     load_wait_s: float = 5.0
     torch_threads: int | None = None
     compile: bool = False
+    allowed_hosts: tuple[str, ...] | None = None
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def __post_init__(self) -> None:
@@ -117,6 +123,11 @@ class ServerSettings:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.torch_threads is not None and self.torch_threads < 0:
             raise SettingsError(f"torch_threads must be >= 0 (0: torch's choice), got {self.torch_threads}")
+        if self.allowed_hosts is not None:
+            names = tuple(name.strip().lower() for name in self.allowed_hosts if name.strip())
+            if not names:
+                raise SettingsError("allowed_hosts is empty: name at least one host, or '*' for any")
+            object.__setattr__(self, "allowed_hosts", names)
         if self.request_timeout_s <= 0:
             raise SettingsError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if self.api_key is not None:  # a key pasted with a newline or spaces is the key without them
@@ -131,6 +142,14 @@ class ServerSettings:
             return detect_device(self.device, prefer=("cuda",))
         except DeviceError as exc:
             raise SettingsError(str(exc)) from None
+
+    def resolved_allowed_hosts(self) -> tuple[str, ...]:
+        """The host names requests may name (see `allowed_hosts`); ("*",) means any."""
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        if self.host in LOOPBACK_HOSTS:
+            return ("localhost", "127.0.0.1", "::1")
+        return ("*",)
 
     def resolved_torch_threads(self) -> int | None:
         """The intra-op thread count to set, or None to leave torch alone."""
@@ -176,6 +195,8 @@ class ServerSettings:
             values["api_key"] = env["TINYLLM_API_KEY"] or None
         if "TINYLLM_CHECKPOINT" in env:
             values["checkpoint"] = optional_source(env["TINYLLM_CHECKPOINT"])
+        if "TINYLLM_ALLOWED_HOSTS" in env:
+            values["allowed_hosts"] = tuple(env["TINYLLM_ALLOWED_HOSTS"].split(","))
         if "TINYLLM_DEVICE" in env:
             values["device"] = env["TINYLLM_DEVICE"].strip() or "auto"
         if "TINYLLM_GPT2" in env:
