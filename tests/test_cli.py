@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -62,6 +65,21 @@ def test_prepare_prints_split_statistics(tinyllm_home, gpt2_tokenizer, tmp_path,
     assert lines["train"][1] == "4" and lines["val"][1] == "1"
     assert lines["train"][2] == "1,000"  # 4 documents x 250 bytes
     assert lines["train"][3] == "208"  # 50 words, the trailing space, end-of-text: 52 per document
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names are bytes on Linux only")
+def test_a_file_name_that_is_not_utf8_prints_escaped(tinyllm_home, gpt2_tokenizer, tmp_path):
+    """It raised UnicodeEncodeError in the summary, after the work was done."""
+    folder = os.fsencode(tmp_path) + b"/caf\xe9"
+    os.mkdir(folder)
+    for name in (b"a.txt", b"b.txt"):
+        with open(folder + b"/" + name, "w") as f:
+            f.write("word " * 50)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # strict, whatever this machine's locale
+    cmd = [sys.executable, "-m", "tinyllm", "prepare", os.fsdecode(folder), "--val-fraction", "0.5"]
+    proc = subprocess.run(cmd, capture_output=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert b"sources: caf\\udce9)" in proc.stdout and b"Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize(
