@@ -292,6 +292,18 @@ def test_cli_evaluate_prints_bits_per_byte(tiny_checkpoint, capsys):
     assert model["eval"]["context"] == 32 and model["samples"] == []
 
 
+def test_cli_evaluate_says_sampling_options_need_prompts(tiny_checkpoint, capsys, caplog):
+    from tinyllm.cli import main
+
+    run, text = tiny_checkpoint
+    argv = ["evaluate", "--model", str(run), "--data", str(text), "--device", "cpu", "--json"]
+    assert main([*argv, "--seed", "1", "2"]) == 0
+    assert "--seed and --max-new-tokens shape the samples, and there are none without --prompts" in caplog.text
+    caplog.clear()
+    assert main(argv) == 0
+    assert "--prompts" not in caplog.text
+
+
 def test_cli_compare_shows_gpt2_unavailable_and_writes_a_report(tiny_checkpoint, tmp_path, capsys):
     from tinyllm.cli import main
 

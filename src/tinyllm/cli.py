@@ -304,11 +304,10 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
         "--max-tokens", type=_positive, metavar="N", help="score only the first N tokens of the held-out text"
     )
     p.add_argument("--batch-size", type=_positive, default=8, metavar="B", help="windows per forward pass (8)")
-    p.add_argument("--seed", type=_seed, nargs="+", default=[1337], help="sampling seeds, one sample each (1337)")
+    p.add_argument("--seed", type=_seed, nargs="+", help="sampling seeds, one sample each (1337)")
     p.add_argument(
         "--max-new-tokens",
         type=_positive,
-        default=64,
         metavar="N",
         help="tokens per sample (64), drawn with the server's sampling defaults (T 0.8, top-k 50, top-p 0.95, "
         "repetition penalty 1.2)",
@@ -332,8 +331,8 @@ def _eval_kwargs(args: argparse.Namespace) -> dict:
     # samples as the server answers /generate/custom and /generate/gpt2: its sampling defaults
     return dict(
         data=args.data, context=args.context, stride=args.stride, max_tokens=args.max_tokens,
-        batch_size=args.batch_size, device=detect_device(args.device), seeds=tuple(args.seed),
-        params=SamplingDefaults().params(max_new_tokens=args.max_new_tokens), progress=not args.json,
+        batch_size=args.batch_size, device=detect_device(args.device), seeds=tuple(args.seed or [1337]),
+        params=SamplingDefaults().params(max_new_tokens=args.max_new_tokens or 64), progress=not args.json,
     )  # fmt: skip
 
 
@@ -364,6 +363,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from tinyllm.evaluate import load_prompts, measure_model
 
     prompts = load_prompts(args.prompts) if args.prompts else []
+    if not prompts and (args.seed is not None or args.max_new_tokens is not None):
+        logger.warning("--seed and --max-new-tokens shape the samples, and there are none without --prompts FILE")
     result = measure_model("model", args.model, prompts=prompts, **_eval_kwargs(args))
     _print_results(args, [result], run_spec=args.model)
     return 0
