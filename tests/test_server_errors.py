@@ -60,8 +60,12 @@ def test_missing_models_leave_the_server_up_with_503s_that_say_how_to_fix(tmp_pa
 
 def test_disabled_gpt2_says_how_to_enable() -> None:
     with TestClient(create_app(SETTINGS), base_url="http://localhost") as client:
-        body = _flat_error(client.post("/generate/gpt2", json={"prompt": "hi"}), 503)
+        r = client.post("/generate/gpt2", json={"prompt": "hi"})
+        body = _flat_error(r, 503)
         assert body["code"] == "model_disabled" and "disabled" in body["detail"]
+        assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers  # waiting will not help
+        oa = client.post("/v1/completions", json={"model": "gpt2", "prompt": "hi"})
+        assert _openai_error(oa, 503)["code"] == "model_disabled" and oa.headers["x-should-retry"] == "false"
 
 
 def test_a_slow_model_is_503_loading_until_it_is_ready(gpt2_tokenizer: Tokenizer) -> None:
@@ -177,9 +181,19 @@ def test_validation_errors_name_the_field(gpt2_tokenizer: Tokenizer) -> None:
             "/generate/custom", json={"prompt": "x", "max_tokens": 9}
         )  # the seed's name is max_new_tokens
         assert _flat_error(typo, 422)["param"] == "max_tokens"
-        assert _openai_error(client.post("/v1/completions", json={"prompt": "x", "n": 0}), 422)["param"] == "n"
+        # OpenAI's routes answer 400 (the SDK's BadRequestError), naming the field all the same
+        assert _openai_error(client.post("/v1/completions", json={"prompt": "x", "n": 0}), 400)["param"] == "n"
         msgs = client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
-        assert _openai_error(msgs, 422)["param"] == "messages.0.role"
+        assert _openai_error(msgs, 400)["param"] == "messages.0.role"
+        # a union field names the reason of the branch the input's type chose, not "should be a valid string"
+        for body, reason in (
+            ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop: List should have at most 4 items"),
+            ({"prompt": []}, "prompt: List should have at least 1 item"),
+            ({"prompt": [[]]}, "prompt.0: List should have at least 1 item"),
+            ({"prompt": "a", "stop": ["a" * 100]}, "stop.0: String should have at most 64 characters"),
+        ):
+            message = _openai_error(client.post("/v1/completions", json=body), 400)["message"]
+            assert message.startswith(reason) and "valid string" not in message, (body, message)
         raw = client.post("/generate/custom", content=b'{"prompt": ', headers={"Content-Type": "application/json"})
         assert _flat_error(raw, 400)["code"] == "invalid_json"
         _openai_error(
@@ -212,10 +226,10 @@ def test_openai_features_not_implemented_are_refused_not_ignored(gpt2_tokenizer:
             ("/v1/chat/completions", {**chat, "functions": [{"name": "f"}]}, "functions"),
             ("/v1/chat/completions", {**chat, "response_format": {"type": "json_object"}}, "response_format"),
         ):
-            err = _openai_error(client.post(route, json=body), 422)
+            err = _openai_error(client.post(route, json=body), 400)
             assert err["param"] == param and "not supported by this server" in err["message"], (param, err)
         for ids in ([True, False], [1.0, 2.0], [[True]]):  # were read as token ids 1, 0, 1, 2...
-            err = _openai_error(client.post("/v1/completions", json={"prompt": ids, "max_tokens": 2}), 422)
+            err = _openai_error(client.post("/v1/completions", json={"prompt": ids, "max_tokens": 2}), 400)
             assert err["param"].startswith("prompt"), err
         # their neutral values are fine (clients send them by default)
         neutral = {"logit_bias": {}, "tool_choice": "none", "response_format": {"type": "text"}, "tools": []}
@@ -300,6 +314,23 @@ def test_full_queue_answers_429_with_retry_after(gpt2_tokenizer: Tokenizer) -> N
         for t, out in waiting:
             t.join(5)
             assert out[0].status_code == 200
+
+
+def test_more_choices_than_the_server_ever_holds_is_400_not_429(gpt2_tokenizer: Tokenizer) -> None:
+    """A 429 says "retry later", and SDKs do, forever: 4 choices never fit 1 slot and a queue of 1."""
+    settings = SETTINGS.replace(slots=1, max_queue=1)
+    with serving(gpt2_tokenizer, settings=settings) as client:
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for path, body in (
+            ("/v1/completions", {"prompt": "a", "max_tokens": 2, "n": 4}),
+            ("/v1/completions", {"prompt": ["a", "b", "c"], "max_tokens": 2}),
+            ("/v1/chat/completions", {**chat, "n": 3}),
+        ):
+            err = _openai_error(client.post(path, json=body), 400)
+            assert err["param"] == "n" and "1 slots + a queue of 1" in err["message"], err
+            assert "ask for at most 2" in err["message"]
+        ok = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "n": 2})
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
 
 
 def test_deadline_while_queued_is_503_and_frees_the_queue(gpt2_tokenizer: Tokenizer) -> None:

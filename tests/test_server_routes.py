@@ -100,7 +100,7 @@ def test_tokenize(client: TestClient, tok: Tokenizer) -> None:
     assert client.post("/tokenize", json={"text": long}).json()["tokens"] == tok.token_strings(tok.encode(long))
 
 
-def test_long_texts_and_model_ids_are_422s_that_do_not_echo_them(client: TestClient) -> None:
+def test_long_texts_and_model_ids_are_refused_without_echoing_them(client: TestClient) -> None:
     big = client.post("/tokenize", json={"text": "a" * 100_001})
     assert big.status_code == 422 and "100000 characters" in big.text and "a" * 200 not in big.text
     for path, body in {
@@ -109,7 +109,8 @@ def test_long_texts_and_model_ids_are_422s_that_do_not_echo_them(client: TestCli
         "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "model": "m" * 65},
     }.items():
         r = client.post(path, json=body)
-        assert r.status_code == 422 and "64 characters" in r.text and "m" * 65 not in r.text, (path, r.text)
+        status = 400 if path.startswith("/v1/") else 422  # OpenAI's routes answer a bad parameter with 400
+        assert r.status_code == status and "64 characters" in r.text and "m" * 65 not in r.text, (path, r.text)
 
 
 def test_tokenize_uses_the_models_own_tokenizer(tok: Tokenizer) -> None:
@@ -126,7 +127,7 @@ def test_tokenize_uses_the_models_own_tokenizer(tok: Tokenizer) -> None:
         assert gpt2["tokenizer"] == "gpt2" and gpt2["ids"] == tok.encode("Hello world")
 
 
-def test_text_that_is_not_unicode_is_a_422_not_a_500(client: TestClient) -> None:
+def test_text_that_is_not_unicode_is_a_4xx_not_a_500(client: TestClient) -> None:
     """A JSON escape can hold a lone surrogate; echoing it back in UTF-8 used to fail after the generation."""
     bodies = {
         "/generate/custom": '{"prompt": "hi \\ud800 there", "max_new_tokens": 2}',
@@ -136,14 +137,14 @@ def test_text_that_is_not_unicode_is_a_422_not_a_500(client: TestClient) -> None
     }
     for path, raw in bodies.items():
         r = client.post(path, content=raw, headers={"content-type": "application/json"})
-        assert r.status_code == 422, (path, r.text)
+        assert r.status_code == (400 if path.startswith("/v1/") else 422), (path, r.text)
         error = r.json().get("error", r.json())
         message = error.get("message", error.get("detail"))
         assert "lone surrogate" in message, message
     r = client.post(
         "/v1/completions", content='{"model": "\\ud800", "prompt": "x"}', headers={"content-type": "application/json"}
     )
-    assert r.status_code == 422 and r.json()["error"]["param"].startswith("model")
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("model")
 
 
 # --- OpenAI-compatible -------------------------------------------------------------------------------------------
@@ -187,8 +188,10 @@ def test_text_offsets_point_into_the_text_across_split_characters(client: TestCl
     text, lp = choice["text"], choice["logprobs"]
     offsets = lp["text_offset"]
     assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] <= len(text)
+    partial = [t for t in lp["tokens"] if t.startswith("bytes:")]  # OpenAI's form: "bytes:\\xf0\\x9f"
+    assert partial and all(re.fullmatch(r"bytes:.*(\\x[0-9a-f]{2})+.*", t) for t in partial), partial
     for token, at in zip(lp["tokens"], offsets, strict=True):
-        if "\ufffd" not in token:  # a whole-character token's text is where its offset says
+        if not token.startswith("bytes:"):  # a whole-character token's text is where its offset says
             assert text[at:].startswith(token), (token, at, text)
     streamed = client.post("/v1/completions", json={**body, "stream": True})
     chunks = [
@@ -231,11 +234,24 @@ def test_completion_shape_usage_and_logprobs(client: TestClient, tok: Tokenizer)
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5
     assert "".join(lp["tokens"]) == choice["text"]
     assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(5)]
-    assert all(
-        len(top) <= 5 and max(top.values()) >= lp["token_logprobs"][i] - 1e-5
-        for i, top in enumerate(lp["top_logprobs"])
-    )
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert top[token] == logprob  # the sampled token is always there, as OpenAI's API promises
+        assert len(top) <= 6 and max(top.values()) >= logprob - 1e-5
     assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}
+
+
+def test_completion_logprobs_keep_tokens_that_hold_part_of_a_character_apart(tok: Tokenizer) -> None:
+    """As U+FFFD, three partial-byte alternatives collapsed into one key of top_logprobs, with the wrong value."""
+    from tinyllm.engine import TokenLogprob
+    from tinyllm.server.routes_openai import _completion_logprobs, _TextOffsets
+
+    top = ((8582, -1.0), (247, -2.0), (224, -3.0), (11, -4.0))  # three partial tokens of one character, and ","
+    out = _completion_logprobs(tok, [TokenLogprob(8582, -1.0, top)], _TextOffsets(tok))
+    keys = ["bytes:" + tok.token_bytes(t).decode("utf-8", "backslashreplace") for t, _ in top[:3]]
+    assert out["tokens"] == [keys[0]] and len(set(keys)) == 3
+    assert out["top_logprobs"] == [{keys[0]: -1.0, keys[1]: -2.0, keys[2]: -3.0, ",": -4.0}]
+    sampled = _completion_logprobs(tok, [TokenLogprob(11, -5.0, top[:2])], _TextOffsets(tok))
+    assert sampled["top_logprobs"] == [{keys[0]: -1.0, keys[1]: -2.0, ",": -5.0}]  # the sampled token joins
 
 
 def test_completion_list_prompt_n_echo_and_token_prompt(client: TestClient, tok: Tokenizer) -> None:
@@ -275,7 +291,8 @@ def test_completion_stream_chunks_carry_token_logprobs(client: TestClient) -> No
     assert all(c["object"] == "text_completion" and len(c["choices"]) == 1 for c in token_chunks)
     per_token = [c["choices"][0]["logprobs"] for c in token_chunks]
     assert sum(len(lp["tokens"]) for lp in per_token) == 4
-    assert all(len(lp["top_logprobs"][0]) == 5 for lp in per_token)
+    assert all(len(lp["top_logprobs"][0]) in (5, 6) for lp in per_token)
+    assert all(lp["top_logprobs"][0][lp["tokens"][0]] == lp["token_logprobs"][0] for lp in per_token)
     assert token_chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert all(c["choices"][0]["finish_reason"] is None for c in token_chunks[:-1])
 

@@ -8,10 +8,10 @@ exceptions; every other route answers in a flat shape with the same fields:
 
 Statuses: 400 bad input (invalid JSON, prompt longer than the context, inconsistent sampling), 401 missing
 or wrong API key, 404 unknown route or model, 413 body too large, 415 a body not sent as JSON (no or
-another Content-Type), 422 a field fails validation (`param`
-names it), 429 queue full (with Retry-After), 503 model not loaded / still loading / no slot before the
-deadline (with Retry-After where waiting helps), 500 only for bugs: a generic message, the traceback goes
-to the log and never to the client.
+another Content-Type), 422 a field fails validation (`param` names it; under /v1/ a 400, as OpenAI answers),
+429 queue full (with Retry-After), 503 model not loaded / still loading / no slot before the deadline (with
+Retry-After where waiting helps, x-should-retry: false where it cannot), 500 only for bugs: a generic
+message, the traceback goes to the log and never to the client.
 """
 
 from __future__ import annotations
@@ -160,10 +160,32 @@ def _loc_to_param(loc: Sequence[Any]) -> str | None:
     return ".".join(parts) or None
 
 
-def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
-    """A 400 for a body that is not JSON, else a 422 naming the first offending field."""
+def _is_type_mismatch(err: Mapping[str, Any]) -> bool:
+    return str(err.get("type", "")).endswith(("_type", "_parsing"))
+
+
+def _telling(errors: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """A union field ("stop": a string or a list of them) fails once per branch; the branch whose type the input
+    had says what is wrong ("at most 4 items"), the others only that the input is not their type."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for err in errors:
+        groups.setdefault(_loc_to_param(err.get("loc", ())) or "body", []).append(err)
+    by_top: dict[str, list[Mapping[str, Any]]] = {}
+    for where, errs in groups.items():
+        by_top.setdefault(where.split(".", 1)[0], []).extend(errs)
+    kept: list[Mapping[str, Any]] = []
+    for errs in by_top.values():
+        telling = [e for e in errs if not _is_type_mismatch(e)]
+        kept += telling or errs
+    return kept
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]], *, status: int = 422) -> APIError:
+    """A 400 for a body that is not JSON, else a `status` (422; OpenAI's routes: 400) naming the first offending
+    field."""
     if not errors:
-        return APIError("invalid request", status=422)
+        return APIError("invalid request", status=status)
+    errors = _telling(errors)
     first = errors[0]
     if first.get("type") == "json_invalid":
         pos = first.get("loc", ("body", "?"))[-1]
@@ -175,7 +197,7 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
         by_field.setdefault(where, str(err.get("msg", "invalid")).removeprefix("Value error, "))
     messages = [f"{where}: {msg}" for where, msg in list(by_field.items())[:5]]
     more = f" (and {len(by_field) - 5} more)" if len(by_field) > 5 else ""
-    return APIError("; ".join(messages) + more, param=_loc_to_param(first.get("loc", ())), status=422)
+    return APIError("; ".join(messages) + more, param=_loc_to_param(first.get("loc", ())), status=status)
 
 
 def _is_json(content_type: str) -> bool:
@@ -202,7 +224,9 @@ def install_error_handlers(app: FastAPI) -> None:
             sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
             message = f"send the body as JSON with Content-Type: application/json (got {sent})"
             return error_response(request.url.path, APIError(message, status=415, code="unsupported_media_type"))
-        return error_response(request.url.path, validation_error(errors))
+        # OpenAI answers a bad parameter with 400 (its SDKs raise BadRequestError); FastAPI's 422 elsewhere
+        status = 400 if request.url.path.startswith("/v1/") else 422
+        return error_response(request.url.path, validation_error(errors, status=status))
 
     async def on_http_exception(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

@@ -108,10 +108,21 @@ def _check_stream_options(body: Any) -> None:
         raise APIError("stream_options is only allowed when stream is true", param="stream_options")
 
 
-def _check_batch(prompts: int, n: int) -> None:
-    if prompts * n > MAX_PROMPTS:
+def _check_batch(request: Request, prompts: int, n: int) -> None:
+    """At most MAX_PROMPTS choices, and no more than the server could ever hold at once (its slots and queue):
+    such a request would get 429 "retry later" forever."""
+    choices, settings = prompts * n, settings_of(request)
+    if choices > MAX_PROMPTS:
         raise APIError(
-            f"{prompts} prompt(s) x n={n} is {prompts * n} choices; at most {MAX_PROMPTS} per request",
+            f"{prompts} prompt(s) x n={n} is {choices} choices; at most {MAX_PROMPTS} per request",
+            param="n",
+            code="invalid_value",
+        )
+    if choices > (capacity := settings.slots + settings.max_queue):
+        raise APIError(
+            f"{prompts} prompt(s) x n={n} is {choices} choices, more than this server ever holds at once "
+            f"({settings.slots} slots + a queue of {settings.max_queue}: TINYLLM_SLOTS, TINYLLM_MAX_QUEUE); "
+            f"ask for at most {capacity}",
             param="n",
             code="invalid_value",
         )
@@ -178,16 +189,28 @@ def _completion_logprobs(
     out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     echoed = _TextOffsets(tokenizer)  # the prompt starts the text
     for token in prompt_ids:  # echoed prompt tokens: no log-probabilities computed
-        out["tokens"].append(tokenizer.token_strings([token])[0])
+        out["tokens"].append(_token_text(tokenizer, token))
         out["token_logprobs"].append(None)
         out["top_logprobs"].append(None)
         out["text_offset"].append(echoed.take(token))
     for lp in logprobs:
-        out["tokens"].append(tokenizer.token_strings([lp.token_id])[0])
+        out["tokens"].append(_token_text(tokenizer, lp.token_id))
         out["token_logprobs"].append(lp.logprob)
-        out["top_logprobs"].append({tokenizer.token_strings([t])[0]: v for t, v in lp.top})
+        top = {_token_text(tokenizer, t): v for t, v in lp.top}
+        top.setdefault(_token_text(tokenizer, lp.token_id), lp.logprob)  # as OpenAI: the sampled token is always in
+        out["top_logprobs"].append(top)
         out["text_offset"].append(offsets.take(lp.token_id))
     return out
+
+
+def _token_text(tokenizer: Tokenizer, token: int) -> str:
+    """A token's text; one holding part of a UTF-8 character in OpenAI's form, "bytes:\\xe6\\x97", so that
+    such tokens stay distinct (as U+FFFD they collided as keys of top_logprobs)."""
+    raw = tokenizer.token_bytes(token)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + raw.decode("utf-8", errors="backslashreplace")
 
 
 @router.post(
@@ -202,7 +225,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     _, loaded = worker.require()
     tokenizer = loaded.tokenizer
     prompts = await _prompt_ids(body, tokenizer)
-    _check_batch(len(prompts), body.n)
+    _check_batch(request, len(prompts), body.n)
     max_tokens = check_max_tokens(settings_of(request), body.max_tokens or 16, param="max_tokens")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     want_lp = body.logprobs is not None
@@ -325,6 +348,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     _, loaded = worker.require()
     tokenizer = loaded.tokenizer
     ids = await encode(tokenizer, prompt)
+    _check_batch(request, 1, body.n)
     group = start_group(request, worker, _requests([ids], params, n=body.n, truncate=body.truncate_prompt))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
     if body.stream:

@@ -181,7 +181,8 @@ class ModelWorker:
         message = (
             reason if reason.startswith(f"model {self.name!r}") else f"model {self.name!r} is not available: {reason}"
         )
-        raise UnavailableError(message, code=self._error_code)
+        # not a moment's state: OpenAI's SDKs retry a 503 unless told it would not help
+        raise UnavailableError(message, code=self._error_code, headers={"x-should-retry": "false"})
 
     def submit(
         self, request: Request, *, queue: asyncio.Queue[TaggedEvent], index: int, loop: asyncio.AbstractEventLoop

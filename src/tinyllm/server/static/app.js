@@ -228,6 +228,12 @@ function pollReadySoon() {
 
 // --- the prompt's tokens -------------------------------------------------------------------------
 
+/** A token as the popup shows it: escaped like a JSON string, except a token that holds part of a character,
+ * which the server already writes in OpenAI's form ("bytes:\\xe6\\x97"). */
+function tokenLabel(token) {
+  return token.startsWith("bytes:") ? token : JSON.stringify(token).slice(1, -1);
+}
+
 /** Text with whitespace made visible: a faint · for a space, ↵ for a newline, → for a tab. */
 function visibleText(text) {
   const fragment = document.createDocumentFragment();
@@ -588,7 +594,7 @@ function popoverContent(entries) {
     head.className = "pop-head";
     const token = document.createElement("span");
     token.className = "pop-token";
-    token.append(visibleText(JSON.stringify(entry.token).slice(1, -1)));
+    token.append(visibleText(tokenLabel(entry.token)));
     const prob = document.createElement("span");
     prob.className = "pop-prob";
     prob.textContent = entry.logprob == null ? "?" : percent(entry.logprob);
@@ -606,7 +612,7 @@ function popoverContent(entries) {
         li.style.setProperty("--w", `${Math.min(100, Math.exp(lp) * 100).toFixed(1)}%`);
         const a = document.createElement("span");
         a.className = "alt";
-        a.append(visibleText(JSON.stringify(alt).slice(1, -1)));
+        a.append(visibleText(tokenLabel(alt)));
         const pct = document.createElement("span");
         pct.className = "pct";
         pct.textContent = percent(lp);
