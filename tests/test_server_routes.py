@@ -240,6 +240,14 @@ def test_completion_shape_usage_and_logprobs(client: TestClient, tok: Tokenizer)
     assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}
 
 
+def test_openai_top_p_zero_is_greedy(client: TestClient) -> None:
+    """OpenAI accepts top_p 0 (the likeliest token only); it was a 422 here."""
+    body = {"prompt": "Hello", "max_tokens": 6, "seed": 3, "temperature": 1.5}
+    greedy = client.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    r = client.post("/v1/completions", json={**body, "top_p": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy
+
+
 def test_completion_logprobs_keep_tokens_that_hold_part_of_a_character_apart(tok: Tokenizer) -> None:
     """As U+FFFD, three partial-byte alternatives collapsed into one key of top_logprobs, with the wrong value."""
     from tinyllm.engine import TokenLogprob

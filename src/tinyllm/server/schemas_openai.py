@@ -81,7 +81,7 @@ class _OpenAIRequest(BaseModel):
 
     model: Annotated[ModelId, null_is_default("custom")] = Field("custom", description='"custom" or "gpt2"')
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    top_p: float | None = Field(1.0, ge=0.0, le=1.0, description="nucleus mass; 0 (as OpenAI allows) is greedy")
     n: Annotated[int, null_is_default(1)] = Field(1, ge=1, le=MAX_N, description="choices per prompt")
     stop: Stop = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
