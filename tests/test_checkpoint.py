@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -178,9 +179,32 @@ def test_crash_while_writing_keeps_old_checkpoint(model: GPT, tmp_path: Path, mo
         raise OSError("No space left on device")
 
     monkeypatch.setattr(checkpoint, "save_file", save_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*last: No space left on device \(the chec"):
         save_checkpoint(path, model=model, meta={"step": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["last"] and load_checkpoint(path).meta["step"] == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="renameat2 is Linux's")
+def test_replacing_a_checkpoint_swaps_it_in_one_step(model: GPT, tmp_path: Path, monkeypatch) -> None:
+    """Two renames left a moment with no `last/` at all (a kill then, and --resume found nothing)."""
+    from tinyllm import checkpoint
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("a")
+    (tmp_path / "b").mkdir()
+    assert checkpoint._exchange(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "b" / "x").read_text() == "a" and not any((tmp_path / "a").iterdir())
+
+    path = save_checkpoint(tmp_path / "last", model=model, meta={"step": 1})
+    renames = []
+    monkeypatch.setattr(checkpoint.os, "rename", lambda *a: renames.append(a))  # the two-rename path is not taken
+    save_checkpoint(path, model=model, meta={"step": 2})
+    assert renames == [] and load_checkpoint(path).meta["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "last"]  # the old copy is gone
+    monkeypatch.undo()
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)  # elsewhere: two renames, the same result
+    save_checkpoint(path, model=model, meta={"step": 3})
+    assert load_checkpoint(path).meta["step"] == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "last"]
 
 
 def test_replaces_a_broken_checkpoint(model: GPT, tmp_path: Path) -> None:

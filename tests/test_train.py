@@ -192,19 +192,27 @@ def test_a_signal_stops_between_steps_and_resume_is_exact(tmp_path, corpus, monk
     nothing. Both now stop at the next step boundary and save there."""
     import signal as signal_mod
 
-    straight = train(tiny(tmp_path, corpus), progress=False)
+    straight = train(tiny(tmp_path, corpus, log_interval=4), progress=False)
     with monkeypatch.context() as m:
         _signal_at(m, 6, getattr(signal_mod, signame))
-        stopped = train(tiny(tmp_path, corpus, run_dir=str(tmp_path / "stopped")), progress=False)
+        stopped = train(tiny(tmp_path, corpus, run_dir=str(tmp_path / "stopped"), log_interval=4), progress=False)
     assert (stopped.stopped_by, stopped.steps) == ("interrupted", 6)
     assert stopped.stop_signal == getattr(signal_mod, signame) and straight.stop_signal is None
     assert load_checkpoint(stopped.last_checkpoint).meta["step"] == 6
     assert signal_mod.getsignal(signal_mod.SIGINT) is signal_mod.default_int_handler  # handlers given back
-    resumed = train(tiny(tmp_path, corpus, run_dir=str(tmp_path / "stopped"), resume=True), progress=False)
+    resumed = train(
+        tiny(tmp_path, corpus, run_dir=str(tmp_path / "stopped"), resume=True, log_interval=4), progress=False
+    )
     a, b = weights(straight.last_checkpoint), weights(resumed.last_checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a) and resumed.val_loss == straight.val_loss
     evals = [r["step"] for r in records(tmp_path / "stopped") if r["event"] == "eval"]
     assert evals == [r["step"] for r in records(straight.run_dir) if r["event"] == "eval"] == [0, 4, 8]
+    # the step-8 line averages steps 5-8 though the run stopped at 6: the same number as the straight run's
+    losses = [
+        [(r["step"], r["loss"]) for r in records(run) if r["event"] == "train"]
+        for run in (straight.run_dir, tmp_path / "stopped")
+    ]
+    assert losses[0] == losses[1] and [step for step, _ in losses[0]] == [4, 8]
 
 
 def test_a_malformed_train_state_is_one_clear_error(tmp_path, corpus):
@@ -787,6 +795,63 @@ def test_a_run_dir_that_is_a_file_fails_before_any_work(tmp_path: Path) -> None:
     for run_dir, where in ((tmp_path / "notes.txt", "is a file"), (tmp_path / "notes.txt" / "run", "lies under")):
         with pytest.raises(TrainError, match=where):
             train(train_config(preset="seed", max_steps=1, run_dir=str(run_dir), data=("missing/*.txt",)))
+
+
+def test_a_run_dir_that_cannot_be_written_fails_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    """A read-only filesystem failed after the data was prepared, as a bare OS error (exit 1)."""
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(train_mod.os, "access", lambda p, mode: Path(p) != tmp_path / "ro" and real_access(p, mode))
+    for run_dir, where in (
+        (tmp_path / "ro", r"ro cannot be written;"),
+        (tmp_path / "ro" / "a" / "run", r"ro is where"),
+    ):
+        with pytest.raises(TrainError, match=where):
+            train(train_config(preset="seed", max_steps=1, run_dir=str(run_dir), data=("missing/*.txt",)))
+
+
+def test_running_out_of_memory_is_one_clear_error(tmp_path, corpus, monkeypatch) -> None:
+    def no_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(train_mod, "train_step", no_memory)
+    with pytest.raises(TrainError, match=r"not enough memory on cpu for batches of 4 x 32 tokens \(at step 0\): lower"):
+        train(tiny(tmp_path, corpus), progress=False)
+    monkeypatch.setattr(train_mod, "train_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors stay what they are
+        train(tiny(tmp_path, corpus, run_dir=str(tmp_path / "other")), progress=False)
+
+
+def test_stopping_processes_before_they_saved_anything_is_an_interruption(monkeypatch) -> None:
+    """Ctrl-C while the processes were still starting read "error: process 1 terminated with signal SIGTERM"."""
+    import signal as signal_mod
+
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    class Stopped:  # spawned processes that the signal ends before they report anything
+        processes, error_files = [], []
+
+        def join(self) -> bool:
+            signal_mod.raise_signal(signal_mod.SIGTERM)
+            raise ProcessException("process 1 terminated with signal SIGTERM", 1, 0)
+
+    monkeypatch.setattr(mp, "start_processes", lambda *a, **k: Stopped())
+    with pytest.raises(KeyboardInterrupt):
+        train_mod._spawn(TrainConfig(), 2, progress=False)
+
+
+def test_metrics_are_strict_json_and_no_progress_bar_is_drawn_into_a_log(tmp_path, corpus, capsys) -> None:
+    """A run stopped before any evaluation counted as best wrote `Infinity`; a bar redrew ~10 times a second
+    into logs and Docker builds (stderr not a terminal)."""
+    train(tiny(tmp_path, corpus, max_steps=2, eval_interval=1000), progress=True)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    end = json.loads(lines[-1], parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+    assert end["event"] == "end" and isinstance(end["best_val_loss"], float)
+    record = train_mod._json_line({"event": "end", "best_val_loss": math.inf, "x": [math.nan, 1.0]})
+    assert record == '{"event": "end", "best_val_loss": null, "x": [null, 1.0]}\n'
+    err = capsys.readouterr().err
+    assert "\r" not in err and "training:" not in err
 
 
 @pytest.mark.parametrize(("signame", "status"), [("SIGINT", 130), ("SIGTERM", 143)])

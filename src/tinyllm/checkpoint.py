@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import functools
 import json
 import logging
@@ -26,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -325,7 +327,9 @@ def atomic_directory(target: str | Path, *, may_replace: Callable[[Path], bool] 
                 os.chmod(f, 0o666 & ~_umask())
             _fsync(f)
         _fsync(tmp)
-        if target.exists():
+        if target.exists() and _exchange(tmp, target):  # one atomic step: `target` is never missing
+            shutil.rmtree(tmp, ignore_errors=True)  # (it holds the old copy now)
+        elif target.exists():  # two renames: a kill between them leaves .old-* and .tmp-* but no `target`
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(target, old)
             try:
@@ -341,6 +345,29 @@ def atomic_directory(target: str | Path, *, may_replace: Callable[[Path], bool] 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux's renameat2 with RENAME_EXCHANGE); False where that is not
+    available (another OS, an old C library, a filesystem without it), so the caller renames twice."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
 
 
 LEFTOVER_AGE_S = 3600.0
@@ -419,14 +446,19 @@ def save_checkpoint(
     if train_state is not None:
         blobs[TRAIN_STATE_FILE] = {}
         texts[TRAIN_STATE_JSON] = json.dumps(_encode(train_state, "train", blobs[TRAIN_STATE_FILE], set()), indent=1)
-    with atomic_directory(path, may_replace=_written_by_us) as tmp:
-        for name, tensors in blobs.items():
-            if tensors or name == MODEL_FILE:
-                save_file(tensors, tmp / name, metadata={"format": "pt"})
-        for name, text in texts.items():
-            (tmp / name).write_text(text + "\n")
-        if tokenizer is not None:
-            save_tokenizer(tokenizer, tmp)
+    try:
+        with atomic_directory(path, may_replace=_written_by_us) as tmp:
+            for name, tensors in blobs.items():
+                if tensors or name == MODEL_FILE:
+                    save_file(tensors, tmp / name, metadata={"format": "pt"})
+            for name, text in texts.items():
+                (tmp / name).write_text(text + "\n")
+            if tokenizer is not None:
+                save_tokenizer(tokenizer, tmp)
+    except (OSError, SafetensorError) as exc:  # a full disk, a read-only or vanished folder: one clear line
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        previous = " (the checkpoint there before is unchanged)" if Path(path).exists() else ""
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason}{previous}") from exc
     logger.info("saved checkpoint %s", path)
     return Path(path)
 

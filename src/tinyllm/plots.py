@@ -6,6 +6,7 @@ safe in any process, headless or not, and nothing happens at import.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -22,8 +23,13 @@ def plot_loss_curves(records: Iterable[Mapping[str, Any]], path: str | Path, *, 
     from matplotlib.figure import Figure
 
     records = list(records)
-    train = [(r["step"], r["loss"], r.get("lr")) for r in records if r.get("event") == "train"]
-    val = [(r["step"], r["val_loss"], r.get("val_bpb")) for r in records if r.get("event") == "eval"]
+    # a loss that was not finite is null in metrics.jsonl (strict JSON): a gap in the curve
+    train = [(r["step"], r["loss"], r.get("lr")) for r in records if r.get("event") == "train" and _num(r.get("loss"))]
+    val = [
+        (r["step"], r["val_loss"], r.get("val_bpb"))
+        for r in records
+        if r.get("event") == "eval" and _num(r.get("val_loss"))
+    ]
 
     fig = Figure(figsize=(8, 5.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -62,3 +68,7 @@ def plot_loss_curves(records: Iterable[Mapping[str, Any]], path: str | Path, *, 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _num(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)

@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -540,6 +541,9 @@ class _Run:
         if self.dist.rank < len(ranks):
             self.sampler.load_state_dict(ranks[self.dist.rank]["sampler"])
             restore_rng_state(ranks[self.dist.rank]["rng"])
+            if len(ranks) == self.dist.world and ranks[self.dist.rank].get("window"):
+                total, steps = ranks[self.dist.rank]["window"]
+                self.window_before = (float(total), int(steps))
         if self.cfg.dtype == "auto" and state.get("dtype"):  # keep the precision the run started with
             self.amp_dtype = getattr(torch, state["dtype"])
         if self.amp_dtype == torch.float16 and state.get("scaler"):
@@ -568,7 +572,7 @@ class _Run:
             for name in ("best", "last"):
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
         tmp = self.metrics_path.with_name(f".{METRICS_FILE}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        tmp.write_text("".join(_json_line(r) for r in self.records))
         os.replace(tmp, self.metrics_path)
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -583,7 +587,7 @@ class _Run:
         }
         self.records.append(record)
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_json_line(record))
 
     def _plot(self) -> None:
         from tinyllm.plots import plot_loss_curves
@@ -652,7 +656,9 @@ class _Run:
 
     def save(self, *, best: bool) -> None:
         """`run_dir/last` with everything needed to resume; `run_dir/best` (weights + meta) when best."""
-        rank_state = {"sampler": self.sampler.state_dict(), "rng": capture_rng_state()}
+        # the losses since the last metrics line too: a resumed run logs the same numbers as one never stopped
+        window = [self._window[0], self._window[1]] if hasattr(self, "_window") else [0.0, 0]
+        rank_state = {"sampler": self.sampler.state_dict(), "rng": capture_rng_state(), "window": window}
         ranks = self.dist.gather(rank_state)  # every rank takes part; rank 0 writes
         self.last_save_step = self.step
         if not self.dist.is_main:
@@ -759,7 +765,17 @@ class _Run:
 
     def run(self) -> TrainResult:
         with self._stop_on_signals():
-            return self._run()
+            try:
+                return self._run()
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+                if not _out_of_memory(exc):
+                    raise
+                cfg = self.cfg
+                raise TrainError(
+                    f"not enough memory on {self.device} for batches of {cfg.batch_size} x {self.block_size} tokens "
+                    f"(at step {self.step}): lower --batch-size (and raise --grad-accum to keep the tokens per step)"
+                    + (", or --block-size" if self.block_size > 64 else "")
+                ) from None
 
     def _run(self) -> TrainResult:
         self.t0 = time.perf_counter()
@@ -768,7 +784,8 @@ class _Run:
             self.reserve = time.perf_counter() - self.t0
             self.start_loss = self.last_eval[0] if self.last_eval is not None else math.nan
         bar = self._progress_bar()
-        self._window = (0.0, 0, time.perf_counter())  # (sum of losses, steps, start) since the last metrics line
+        # (sum of losses, steps) since the last metrics line, and (start, steps since then) for its tokens/s
+        self._window = (*getattr(self, "window_before", (0.0, 0)), time.perf_counter(), 0)
         try:
             while True:
                 reason, elapsed = self._stop_reason()
@@ -786,9 +803,9 @@ class _Run:
                 self.step_time = took if self.step_time == 0 else 0.9 * self.step_time + 0.1 * took
                 if self.step - self.last_eval_step >= self.cfg.eval_interval or self.eval_due:
                     self._eval_and_save()
-                    self._window = (*self._window[:2], time.perf_counter())
-                if bar is not None:
-                    bar.update(self.elapsed() - bar.n if self.max_seconds is not None else 1)
+                    self._window = (*self._window[:2], time.perf_counter(), 0)  # tokens/s without the evaluation
+                if bar is not None:  # (a step may end past the budget: the bar stops at its end)
+                    bar.update(min(self.elapsed(), bar.total) - bar.n if self.max_seconds is not None else 1)
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once; a step may be half done, so nothing is saved
             logger.warning("interrupted again: stopped without saving this run's last steps")
             raise
@@ -825,24 +842,24 @@ class _Run:
         self.step += 1
         self.tokens += self.tokens_per_step
         self.session_tokens += self.tokens_per_step
-        total, steps, start = self._window
+        total, steps, start, timed = self._window
         value = loss.item()
         self.diverged = self.diverged or not math.isfinite(value)
-        total, steps = total + value, steps + 1
-        self._window = (total, steps, start)
+        total, steps, timed = total + value, steps + 1, timed + 1
+        self._window = (total, steps, start, timed)
         if self.step % cfg.log_interval:
             return
         self.train_loss = self.dist.sum(torch.tensor([total / steps], device=self.device)).item() / self.dist.world
-        tps = steps * self.tokens_per_step / (time.perf_counter() - start)
+        tps = timed * self.tokens_per_step / (time.perf_counter() - start)
         grad_norm = None if norm is None else norm.item()
         record = {"loss": self.train_loss, "lr": lr, "tokens_per_s": round(tps, 1), "grad_norm": grad_norm}
         self._log({"event": "train", **record})
         if bar is not None:
             bar.set_postfix_str(f"step {self.step}, loss {self.train_loss:.3f}, lr {lr:.2e}, {tps:,.0f} tok/s")
-        self._window = (0.0, 0, time.perf_counter())
+        self._window = (0.0, 0, time.perf_counter(), 0)
 
     def _progress_bar(self) -> tqdm | None:
-        if not self.progress:
+        if not self.progress or not sys.stderr.isatty():  # a log file or a Docker build: no redraws (\r) in it
             return None
         if self.max_seconds is not None:  # the wall clock rules: the bar counts seconds, its ETA is the budget's
             fmt = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}s [{elapsed}<{remaining}{postfix}]"
@@ -1047,6 +1064,8 @@ def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
             done = value
     if errors:
         raise TrainError(errors[0])
+    if done is None and received:  # stopped (Ctrl-C, SIGTERM) before the processes could save anything
+        raise KeyboardInterrupt
     if done is None:
         raise TrainError(failure or "the training processes ended without a result")
     if failure is not None:  # rank 0 finished the run (checkpoint written), then a peer died tearing gloo down
@@ -1054,6 +1073,23 @@ def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
     if received and done.stopped_by == "interrupted":  # (received first: tests pass stand-in results)
         done = dataclasses.replace(done, stop_signal=received[0])
     return done
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's CUDA out-of-memory error, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    message = str(exc)
+    return (
+        isinstance(exc, torch.OutOfMemoryError | MemoryError)
+        or "can't allocate memory" in message
+        or "out of memory" in message.lower()
+    )
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    """One metrics.jsonl line, strict JSON: a loss never measured (inf) or not finite is null, not `Infinity`."""
+    from tinyllm.report import finite
+
+    return json.dumps(finite(record), allow_nan=False) + "\n"
 
 
 def _absolute_init(init_from: str | None) -> str | None:
@@ -1080,6 +1116,9 @@ def _check_run_dir(path: Path) -> None:
     if existing.exists() and not existing.is_dir():
         where = "is" if existing == path.expanduser() else f"lies under {existing}, which is"
         raise TrainError(f"run directory {path} {where} a file, not a folder; pass --run-dir DIR")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):  # read-only filesystem, or not ours
+        where = "" if existing == path.expanduser() else f" ({existing} is where it would be made)"
+        raise TrainError(f"run directory {path} cannot be written{where}; pass --run-dir DIR")
 
 
 def _check_init_outside(config: TrainConfig) -> None:
