@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -608,17 +609,23 @@ def test_tinyllm_run_stopped_while_training_does_not_serve(monkeypatch, tmp_path
     assert main(["run", "--run-dir", str(tmp_path / "r"), "--minutes", "1"]) == 130
 
 
-def test_resume_needs_a_matching_checkpoint(tmp_path, corpus):
+def test_resume_needs_a_matching_checkpoint(tmp_path, corpus, caplog):
     with pytest.raises(TrainError, match="cannot resume: no checkpoint at .*last"):
         train(tiny(tmp_path, corpus, resume=True), progress=False)
     train(tiny(tmp_path, corpus, max_steps=1), progress=False)
-    wider = ModelConfig(block_size=32, n_layer=1, n_head=2, n_embd=64)
-    with pytest.raises(TrainError, match="cannot resume .*its model is"):
+    wider = dataclasses.replace(TINY, n_embd=TINY.n_embd * 2)
+    with pytest.raises(TrainError) as info:
         train(tiny(tmp_path, corpus, model=wider, resume=True, max_steps=2), progress=False)
+    assert f"its model differs: n_embd {TINY.n_embd} (this run: {TINY.n_embd * 2}); it was trained with --preset" in (
+        str(info.value)
+    )
+    # other recipe options are this run's, and it says the continuation is no longer the original's
+    train(tiny(tmp_path, corpus, resume=True, max_steps=2, batch_size=2, seed=7), progress=False)
+    assert "resuming with batch_size 2 (was 4), seed 7 (was 1337): the run goes on, but not as" in caplog.text
     with pytest.raises(TrainError, match="optimizer state does not fit --optimizer adamw"):
         train(tiny(tmp_path, corpus, optimizer="adamw", resume=True, max_steps=2), progress=False)
     # a resumed run keeps the saved state but takes this run's settings
-    train(tiny(tmp_path, corpus, resume=True, max_steps=2, weight_decay=0.2, muon_weight_decay=0.3), progress=False)
+    train(tiny(tmp_path, corpus, resume=True, max_steps=3, weight_decay=0.2, muon_weight_decay=0.3), progress=False)
     opt_state, _ = load_train_state(tmp_path / "run" / "last")
     adamw, muon = opt_state["optimizers"]
     assert [g["weight_decay"] for g in adamw["param_groups"]] == [0.2, 0.0]

@@ -449,7 +449,10 @@ class _Run:
         saved = meta.get("train_config") or {}
         problems = []
         if self.cfg.init_from is None and config != self._model_config():
-            problems.append(f"its model is {config} but this run asks for {self._model_config()}")
+            ours = self._model_config().to_dict()
+            fields = [f"{k} {v} (this run: {ours[k]})" for k, v in config.to_dict().items() if ours.get(k) != v]
+            hint = f"; it was trained with --preset {saved['preset']}" if saved.get("preset") else ""
+            problems.append(f"its model differs: {', '.join(fields)}{hint}")
         if not _same_init(saved.get("init_from"), self.cfg.init_from):
             problems.append(f"it started from {saved.get('init_from')!r}, this run from {self.cfg.init_from!r}")
         if meta.get("data_hash") != self.data_hash():
@@ -458,6 +461,17 @@ class _Run:
             raise TrainError(
                 f"cannot resume {self.run_dir / 'last'}: {'; '.join(problems)}; "
                 "use the original options or another --run-dir"
+            )
+        changed = [
+            f"{name} {getattr(self.cfg, name)} (was {saved[name]})"
+            for name in _RECIPE_FIELDS
+            if name in saved and saved[name] != _jsonish(getattr(self.cfg, name))
+        ]
+        if changed and self.dist.is_main:
+            logger.warning(
+                "resuming with %s: the run goes on, but not as the original would have (pass the original "
+                "options for an exact continuation)",
+                ", ".join(changed),
             )
 
     def data_hash(self) -> str:
@@ -1073,6 +1087,14 @@ def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
     if received and done.stopped_by == "interrupted":  # (received first: tests pass stand-in results)
         done = dataclasses.replace(done, stop_signal=received[0])
     return done
+
+
+# options that change what the steps after a resume do (the budgets and cadences may change freely)
+_RECIPE_FIELDS = ("batch_size", "grad_accum", "block_size", "lr", "min_lr", "muon_lr", "warmup_steps", "seed")
+
+
+def _jsonish(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _out_of_memory(exc: BaseException) -> bool:
