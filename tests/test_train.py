@@ -199,6 +199,9 @@ def test_a_signal_stops_between_steps_and_resume_is_exact(tmp_path, corpus, monk
         stopped = train(tiny(tmp_path, corpus, run_dir=str(tmp_path / "stopped"), log_interval=4), progress=False)
     assert (stopped.stopped_by, stopped.steps) == ("interrupted", 6)
     assert stopped.stop_signal == getattr(signal_mod, signame) and straight.stop_signal is None
+    # its validation loss is step 4's, and says so (the meta and the summary gave it as the step-6 model's)
+    assert stopped.val_step == 4 and "bpb, at step 4), " in stopped.summary() and "at step" not in straight.summary()
+    assert load_checkpoint(stopped.last_checkpoint).meta["val_step"] == 4
     assert load_checkpoint(stopped.last_checkpoint).meta["step"] == 6
     assert signal_mod.getsignal(signal_mod.SIGINT) is signal_mod.default_int_handler  # handlers given back
     resumed = train(

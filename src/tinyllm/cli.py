@@ -186,7 +186,13 @@ def _add_training_options(p: argparse.ArgumentParser, *, defaults: dict) -> None
     budget = p.add_argument_group("budget: the first reached stops training (default: --max-minutes 10)")
     budget.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps")
     budget.add_argument("--max-tokens", type=int, metavar="N", help="training tokens (all processes together)")
-    budget.add_argument("--max-minutes", type=float, metavar="M", help="wall-clock minutes; the LR decays to fit")
+    budget.add_argument(
+        "--max-minutes",
+        type=float,
+        metavar="M",
+        help="wall-clock minutes of training, its evaluations and saves included (start-up, such as preparing "
+        "the data, is not); the LR decays to fit",
+    )
     p.add_argument(
         "--processes",
         type=_processes,

@@ -92,12 +92,15 @@ class TrainResult:
     plot_path: Path
     rank: int = 0
     stop_signal: int | None = None  # the signal that stopped an "interrupted" run (SIGINT, SIGTERM)
+    val_step: int | None = None  # the step of the last evaluation (val_loss): before `steps` when interrupted
 
     def summary(self) -> str:
         return (
             f"trained {self.steps:,} steps, {self.tokens:,} tokens in {self.seconds / 60:.1f} min "
             f"({self.tokens_per_second:,.0f} tokens/s; stopped by {self.stopped_by}); "
-            f"val loss {self.val_loss:.4f} ({self.val_bpb:.4f} bpb), "
+            f"val loss {self.val_loss:.4f} ({self.val_bpb:.4f} bpb"
+            + (f", at step {self.val_step:,}" if self.val_step is not None and self.val_step != self.steps else "")
+            + "), "
             + (
                 f"best {self.best_val_loss:.4f} ({self.best_val_bpb:.4f} bpb)"
                 if math.isfinite(self.best_val_loss)
@@ -685,6 +688,7 @@ class _Run:
             "tokens_seen": self.tokens,
             "val_loss": loss,
             "val_bpb": bpb,
+            "val_step": self.last_eval_step if self.last_eval is not None else None,  # a save between evaluations
             "train_loss": self.train_loss,
             "elapsed_s": round(self.elapsed(), 3),
             "data_sources": self.data.meta["sources"],
@@ -900,6 +904,7 @@ class _Run:
             plot_path=self.run_dir / PLOT_FILE,
             rank=self.dist.rank,
             stop_signal=self.stop_signal if reason == "interrupted" else None,
+            val_step=self.last_eval_step if self.last_eval is not None else None,
         )
         if self.dist.is_main:
             self._log(
