@@ -390,6 +390,10 @@ def test_context_limit_ends_with_length_and_long_prompts_are_rejected(tiny: GPT)
     assert isinstance(info.value, TinyLLMError)
     (r,) = generate(tiny, [list(range(40))], sp.replace(max_new_tokens=4), eos_token_id=None, truncate=True)
     assert r.prompt_truncated == 12 and r.prompt_tokens == 28 and r.completion_tokens == 4
+    # allowed to cut, a prompt that fits but leaves no room is cut too: a longer prompt never gets more tokens
+    four = sp.replace(max_new_tokens=4)
+    counts = [generate(tiny, [list(range(n))], four, eos_token_id=None, truncate=True)[0] for n in (26, 30, 31, 32)]
+    assert [(r.prompt_truncated, r.completion_tokens) for r in counts] == [(0, 4), (2, 4), (3, 4), (4, 4)]
     (r,) = generate(tiny, [[1] * 10], sp, eos_token_id=None, max_seq_len=16)
     assert r.finish_reason == "length" and r.completion_tokens == 6
 

@@ -106,9 +106,12 @@ def test_temperature_flattens_or_sharpens() -> None:
 def test_a_tiny_temperature_samples_the_argmax_instead_of_overflowing() -> None:
     """1e-39 passes validation: dividing the logits by it used to overflow to inf and fail the engine's step."""
     logits = torch.tensor([[50.0, 49.0, -50.0], [-3.0, 7.0, 6.999]])
-    for t in (1e-39, 1e-30, 1e-6):
-        assert draws(logits[0], SamplingParams(temperature=t, top_k=0, top_p=1.0), n=20) == [0] * 20
-        assert sample(logits, SamplingParams(temperature=t, top_k=0, top_p=1.0)) == [0, 1]
+    for t in (1e-50, 1e-39, 1e-30, 1e-6, 9.9e-4):  # 1e-50 is 0 in float32: every logit became NaN or -inf
+        params = SamplingParams(temperature=t, top_k=0, top_p=1.0)
+        assert params.temperature == 0.0 and params.greedy  # below MIN_TEMPERATURE: greedy, as the server's
+        assert draws(logits[0], params, n=20) == [0] * 20
+        assert sample(logits, params) == [0, 1]
+    assert SamplingParams(temperature=1e-3).temperature == 1e-3
     scaled = apply_temperature(logits, 0.5)
     torch.testing.assert_close(scaled.softmax(-1), (logits / 0.5).softmax(-1))  # the same distribution
 

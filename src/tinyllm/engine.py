@@ -498,15 +498,18 @@ class Engine:
         if bad:
             raise InvalidPromptError(f"prompt token ids must be in [0, {vocab}); got {bad[:5]}")
         limit = self.context_limit
+        room = min(request.params.max_new_tokens, limit // 2)  # what a cut prompt leaves for the answer
+        if request.truncate and len(prompt) + room > limit:
+            # cut so the answer gets its room: a prompt a token short of the context would otherwise get one new
+            # token where a longer one, cut, gets them all
+            keep = limit - room
+            return prompt[-keep:], len(prompt) - keep
         if len(prompt) <= limit - 1:
             return prompt, 0
-        if not request.truncate:
-            raise PromptTooLongError(
-                f"the prompt has {len(prompt)} tokens but the context holds {limit} "
-                f"(at most {limit - 1} prompt tokens leave room to generate); shorten it or allow truncation"
-            )
-        keep = limit - min(request.params.max_new_tokens, limit // 2)
-        return prompt[-keep:], len(prompt) - keep
+        raise PromptTooLongError(
+            f"the prompt has {len(prompt)} tokens but the context holds {limit} "
+            f"(at most {limit - 1} prompt tokens leave room to generate); shorten it or allow truncation"
+        )
 
     def submit(self, request: Request, *, on_event: Callable[[Event], None] | None = None) -> RequestHandle:
         """Queue a request; returns its handle. Raises PromptTooLongError, InvalidPromptError, QueueFullError."""

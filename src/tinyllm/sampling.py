@@ -1,6 +1,7 @@
 """Sampling as pure functions: penalties, temperature, top-k, top-p, min-p, and a seeded draw.
 
-The order is the one Hugging Face and vLLM use: penalties -> temperature -> top-k -> top-p -> min-p -> draw.
+The order is Hugging Face's (and vLLM's before its V1 sampler, which applies min-p before top-k and top-p):
+penalties -> temperature -> top-k -> top-p -> min-p -> draw.
 Temperature 0 means argmax (after penalties). Randomness comes only from the `torch.Generator` passed in,
 one per request, so the same seed gives the same tokens whatever else shares the batch (given the same logits:
 fp32 models compute a row's logits alike alone or in a batch up to rounding; the int8 modes do not, see
@@ -28,6 +29,9 @@ class SamplingError(TinyLLMError):
     """A sampling parameter is out of range or inconsistent."""
 
 
+MIN_TEMPERATURE = 1e-3  # below it a temperature counts as 0 (greedy): the same tokens, and no float32 overflow
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request picks its tokens and when it stops.
@@ -36,7 +40,8 @@ class SamplingParams:
     the smallest set holding 95% of the mass keeps text coherent without the loops of greedy decoding.
 
     Attributes:
-        temperature: divides the logits; 0 means greedy (argmax). Range [0, 100].
+        temperature: divides the logits; 0 means greedy (argmax), and so does anything below `MIN_TEMPERATURE`
+            (stored as 0). Range [0, 100].
         top_k: keep the k likeliest tokens; 0 turns it off.
         top_p: keep the smallest set of likeliest tokens whose probability reaches p; 1 turns it off. (0, 1].
         min_p: drop tokens less likely than min_p times the likeliest one; 0 turns it off. [0, 1].
@@ -80,6 +85,8 @@ class SamplingParams:
             self.temperature,
             "0 (greedy) to 100",
         )
+        if 0.0 < self.temperature < MIN_TEMPERATURE:  # dividing by it overflows float32 logits (NaN): greedy
+            object.__setattr__(self, "temperature", 0.0)
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
         _check(_is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", self.top_p, "in (0, 1] (1 = off)")
         _check(_is_real(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "in [0, 1] (0 = off)")

@@ -73,7 +73,9 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed for reproducible sampling")
     stop: Stop = Field(None, description="up to 4 strings that end generation (cut from the text)")
     truncate_prompt: bool = Field(
-        False, description="drop tokens from the prompt's start when it does not fit the context (else 400)"
+        False,
+        description="drop tokens from the prompt's start so that it and the new tokens fit the context (up to half "
+        "of it for them); without it, a prompt that does not fit is a 400",
     )
 
 

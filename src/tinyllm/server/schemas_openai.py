@@ -96,7 +96,7 @@ class _OpenAIRequest(BaseModel):
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="extension: min-p filter")
     repetition_penalty: float | None = Field(None, ge=0.1, le=10.0, description="extension: CTRL-style penalty")
     truncate_prompt: Annotated[bool, null_is_default(False)] = Field(
-        False, description="extension: left-truncate a prompt that does not fit"
+        False, description="extension: left-truncate a prompt so that it and max_tokens fit (up to half the context)"
     )
 
 

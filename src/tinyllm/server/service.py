@@ -86,19 +86,15 @@ def check_max_tokens(settings: ServerSettings, value: int, *, param: str) -> int
     return value
 
 
-MIN_TEMPERATURE = 1e-3  # below it, dividing the logits overflows float32 for no gain: it counts as greedy
 MIN_TOP_P = 1e-3  # below it, rounding in the nucleus sum can drop every token: it means "the top token only"
 
 
 def sampling_params(**fields: Any) -> SamplingParams:
     """`SamplingParams` from fields (None means "the dataclass default"); a bad combination is a 400.
 
-    A temperature below `MIN_TEMPERATURE` is greedy (temperature 0); a top_p below `MIN_TOP_P` keeps the
-    likeliest token only (top_k 1).
+    A temperature below `tinyllm.sampling.MIN_TEMPERATURE` is greedy (as everywhere); a top_p below `MIN_TOP_P`
+    keeps the likeliest token only (top_k 1).
     """
-    temperature = fields.get("temperature")
-    if temperature is not None and 0.0 < temperature < MIN_TEMPERATURE:
-        fields["temperature"] = 0.0
     top_p = fields.get("top_p")
     if top_p is not None and top_p < MIN_TOP_P:
         fields.update(top_p=1.0, top_k=1)
