@@ -108,6 +108,9 @@ def test_generate_and_evaluate_reject_bad_values_before_loading(tinyllm_home, tm
         assert "CUDA is not available" in capsys.readouterr().err
     assert main([*generate, "--device", "bogus"]) == 2
     assert "unknown device 'bogus'" in capsys.readouterr().err
+    for option, value, message in (("--top-p", "1.5", "--top-p must be in (0, 1]"), ("--min-p", "2", "--min-p must")):
+        assert main([*generate, option, value]) == 2  # named as the option the user typed, not the field
+        assert message in capsys.readouterr().err
     for argv in ([*generate, "--seed", str(10**20)], [*generate, "--seed", "-1"], ["evaluate", "--context", "0"]):
         with pytest.raises(SystemExit) as info:  # argparse's own usage error
             main(argv)

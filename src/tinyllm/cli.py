@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from tinyllm.errors import TinyLLMError
 
 if TYPE_CHECKING:
+    from tinyllm.sampling import SamplingParams
     from tinyllm.train import TrainResult
 
 logger = logging.getLogger("tinyllm")
@@ -478,27 +479,37 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 # --- generate -----------------------------------------------------------------------------------
 
 
+def _generate_params(args: argparse.Namespace) -> SamplingParams:
+    """The sampling options; a bad value names its option ("--top-p must be in (0, 1]"), before the model loads."""
+    from tinyllm.sampling import SamplingError, SamplingParams
+
+    try:
+        return SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+            seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            stop=tuple(args.stop or ()),
+            ignore_eos=args.ignore_eos,
+        )
+    except SamplingError as exc:  # "top_p must be ..." from the option it came from: "--top-p must be ..."
+        field, _, rest = str(exc).partition(" ")
+        raise UserError(f"--{field.replace('_', '-')} {rest}" if field.isidentifier() else str(exc)) from None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
     from tinyllm.checkpoint import resolve_model, tokenizer_from_meta
-    from tinyllm.engine import generate, prepare_for_inference, stream
-    from tinyllm.sampling import SamplingParams
-
-    params = SamplingParams(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-        stop=tuple(args.stop or ()),
-        ignore_eos=args.ignore_eos,
-    )  # validated before the model loads
     from tinyllm.devices import detect_device
+    from tinyllm.engine import generate, prepare_for_inference, stream
+
+    params = _generate_params(args)
 
     # auto: as the server's (MPS only on request: decoding is untested there)
     model, meta = resolve_model(args.model, device=detect_device(args.device, prefer=("cuda",)))
