@@ -495,4 +495,4 @@ def test_cli_generate(tmp_path, capsys) -> None:  # noqa: ANN001
     assert streamed.startswith("Hello") and len(streamed) > len("Hello\n")
     assert capsys.readouterr().out.startswith("Hello")
     assert main([*args, "--top-p", "2"]) == 2
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert "--top-p must be in (0, 1]" in capsys.readouterr().err
