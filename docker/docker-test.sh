@@ -26,7 +26,9 @@ ROOT=$(pwd)
 
 if [[ -z "${ENGINE:-}" ]]; then
     if command -v podman >/dev/null; then ENGINE=podman
-    elif command -v docker >/dev/null; then ENGINE=docker
+    elif command -v docker >/dev/null; then
+        docker info >/dev/null 2>&1 || { echo "docker-test: docker is installed but its daemon is not running (start it, or install podman)" >&2; exit 2; }
+        ENGINE=docker
     else echo "docker-test: neither podman nor docker is installed (apt-get install podman buildah debootstrap runc)" >&2; exit 2
     fi
 fi

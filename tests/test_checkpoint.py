@@ -329,6 +329,14 @@ def test_resolve_model(model: GPT, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert meta["kind"] == "checkpoint" and meta["step"] == 3 and meta["source"] == str(tmp_path / "run" / "best")
     with pytest.raises(CheckpointError, match="no model at"):
         resolve_model(str(tmp_path / "nothing-here"))
+    # "org/name" that is not here is a hub id, unless "org" is a folder here or the runs folder: a typo or an
+    # untrained runs/default was sent to the hub (25 s of retries, then an error about downloading GPT-2)
+    with monkeypatch.context() as m:
+        m.chdir(tmp_path)
+        m.setattr("tinyllm.gpt2.load_gpt2", lambda *a, **k: pytest.fail("went to the hub"))
+        for spec in ("run/typo", "runs/default"):
+            with pytest.raises(CheckpointError, match=f"no model at '{spec}': expected 'gpt2'"):
+                resolve_model(spec)
 
     from tinyllm import gpt2
     from tinyllm.gpt2 import GPT2UnavailableError

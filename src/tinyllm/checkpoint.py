@@ -594,7 +594,11 @@ _MODEL_SPECS = (
 
 
 def _is_hub_id(spec: str, path: Path) -> bool:
-    return not path.exists() and spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    """ "org/name" that names nothing here. Not when "org" is a local folder, or "runs" (where runs live): a
+    mistyped or not yet trained `runs/default` is a missing directory, not a hub repository to retry for 25 s."""
+    if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        return False
+    return not path.parent.is_dir() and path.parts[0] != "runs"
 
 
 def model_tokenizer(spec: str) -> Tokenizer:

@@ -89,7 +89,8 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     else:
         for i, t in zip(ids, tokens, strict=True):
             print(f"{i:>6}  {t!r}")
-        print(f"{len(ids)} tokens, {len(text.encode())} bytes ({tok.name}, {tok.vocab_size:,} tokens)")
+        n, size = len(ids), len(text.encode())
+        print(f"{n} token{'s' * (n != 1)}, {size} byte{'s' * (size != 1)} ({tok.name}, {tok.vocab_size:,} tokens)")
     return 0
 
 
@@ -455,7 +456,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if checkpoint is None:
         from tinyllm.train import train_default
 
-        logger.info("no checkpoint in %s: training the default model for %g minutes", run_dir, args.minutes)
+        minutes = f"{args.minutes:g} minute{'s' * (args.minutes != 1)}"
+        logger.info("no checkpoint in %s: training the default model for %s", run_dir, minutes)
         result = train_default(minutes=args.minutes, run_dir=run_dir)
         if result.stopped_by == "interrupted":  # stopped by Ctrl-C / SIGTERM: don't serve a half-trained model
             logger.warning("training stopped early: `tinyllm train --run-dir %s --resume` finishes it", run_dir)

@@ -337,5 +337,5 @@ def default_loaders(settings: ServerSettings) -> Mapping[str, Loader]:
         else disabled_loader("custom", "start it with --checkpoint DIR"),
         "gpt2": gpt2_loader(settings.gpt2, device=device)
         if settings.gpt2
-        else disabled_loader("gpt2", "start it without --no-gpt2 (or set TINYLLM_GPT2 to a hub id or directory)"),
+        else disabled_loader("gpt2", "start it without --no-gpt2, with TINYLLM_GPT2 unset or a hub id or directory"),
     }
