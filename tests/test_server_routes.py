@@ -296,6 +296,7 @@ def test_completion_stream_chunks_carry_token_logprobs(client: TestClient) -> No
     chunks = sse_json(r.text)
     *token_chunks, usage = chunks
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 4
+    assert all("usage" in c and c["usage"] is None for c in token_chunks)  # OpenAI's: null until the last chunk
     assert all(c["object"] == "text_completion" and len(c["choices"]) == 1 for c in token_chunks)
     per_token = [c["choices"][0]["logprobs"] for c in token_chunks]
     assert sum(len(lp["tokens"]) for lp in per_token) == 4
@@ -345,7 +346,12 @@ def test_chat_template_takes_tool_results_and_rejects_what_openai_rejects(client
 
 def test_chat_stream_starts_with_role_and_ends_with_finish(client: TestClient) -> None:
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True}
+    with_usage = sse_json(
+        client.post("/v1/chat/completions", json={**body, "stream_options": {"include_usage": True}}).text
+    )
+    assert [c["usage"] is None for c in with_usage] == [True] * (len(with_usage) - 1) + [False]
     chunks = sse_json(client.post("/v1/chat/completions", json=body).text)
+    assert all("usage" not in c for c in chunks)  # not asked for: no field
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")

@@ -240,6 +240,8 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
                 prompts[i] = (tokenizer.decode(kept), kept)
     group = start_group(request, worker, requests)
     meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
+    if body.stream and body.stream_options is not None and body.stream_options.include_usage:
+        meta["usage"] = None  # as OpenAI: every chunk has the field, null until the last one
     if body.stream:
         first = await group.first_event()
         chunks = _completion_chunks(group, first, body, prompts, tokenizer, meta)
@@ -351,6 +353,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     _check_batch(request, 1, body.n)
     group = start_group(request, worker, _requests([ids], params, n=body.n, truncate=body.truncate_prompt))
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
+    if body.stream and body.stream_options is not None and body.stream_options.include_usage:
+        meta["usage"] = None  # as OpenAI: every chunk has the field, null until the last one
     if body.stream:
         first = await group.first_event()
         chunks = _chat_chunks(group, first, body, tokenizer, meta)
