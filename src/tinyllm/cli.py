@@ -574,7 +574,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights (float32: exact)")
-    p.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None, help="int8 weights (lossy)")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int8-dynamic"],
+        default=None,
+        help="int8 weights (lossy); int8-dynamic: int8 activations too (eager only)",
+    )
     p.add_argument(
         "--device", default="auto", help="auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps"
     )
