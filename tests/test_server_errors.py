@@ -342,6 +342,14 @@ def test_deadline_while_queued_is_503_and_frees_the_queue(gpt2_tokenizer: Tokeni
             err = _flat_error(r, 503)
             assert err["code"] == "timeout" and "retry-after" in r.headers
             assert client.app.state.workers["custom"].queue_depth == 0
+            # it never ran: no prompt tokens read, no generation timed (they were counted as if it had)
+            _wait_until(lambda: 'tinyllm_generated_tokens_total{model="custom"}' in client.get("/metrics").text)
+            text = client.get("/metrics").text
+            for series in (
+                'tinyllm_prompt_tokens_total{model="custom"}',
+                'tinyllm_generation_seconds_count{model="custom"}',
+            ):
+                assert f"{series} 0.0" in text or series not in text, text  # (a series never touched is absent)
         finally:
             gate.set()
 
@@ -414,3 +422,49 @@ def test_a_loopback_server_answers_only_to_loopback_host_names(gpt2_tokenizer: T
     assert ServerSettings.from_env({"TINYLLM_ALLOWED_HOSTS": "a.lan, B.lan"}).allowed_hosts == ("a.lan", "b.lan")
     with pytest.raises(SettingsError, match="allowed_hosts is empty"):
         ServerSettings(allowed_hosts=(" ",))
+
+
+# --- what clients cut short ---------------------------------------------------------------------------------------
+
+
+def test_a_client_gone_before_its_body_arrived_is_a_499_and_methods_are_bounded_labels() -> None:
+    """A client that closed mid-upload was logged and counted as a 500 (false alerts); every method token a
+    client made up ("FOO0") was a new metrics series."""
+    import asyncio
+
+    from tinyllm.server.metrics import Metrics
+    from tinyllm.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
+
+    async def never_called(scope, receive, send):  # noqa: ANN001, ANN202
+        pytest.fail("the app ran without its body")
+
+    async def answer_405(scope, receive, send):  # noqa: ANN001, ANN202
+        await send({"type": "http.response.start", "status": 405, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    metrics = Metrics()
+    cut = RequestContextMiddleware(BodyLimitMiddleware(never_called, max_bytes=1000), metrics=metrics)
+    odd = RequestContextMiddleware(answer_405, metrics=metrics)
+    messages = iter([{"type": "http.request", "body": b'{"prompt": ', "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive():  # noqa: ANN202
+        return next(messages)
+
+    async def send(message):  # noqa: ANN001, ANN202
+        pytest.fail(f"sent {message} to a client that is gone")
+
+    async def main() -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"100")]
+        await cut({"type": "http", "method": "POST", "path": "/generate/custom", "headers": headers}, receive, send)
+        for method in ("FOO0", "get", "PATCH"):
+            await odd({"type": "http", "method": method, "path": "/health", "headers": []}, receive, lambda m: _noop())
+
+    async def _noop() -> None:
+        return None
+
+    asyncio.run(main())
+    text = metrics.render().decode()
+    assert 'tinyllm_http_requests_total{method="POST",route="unmatched",status="499"} 1.0' in text
+    assert 'status="500"' not in text
+    assert 'method="other",route="unmatched",status="405"} 2.0' in text and 'method="PATCH"' in text
+    assert "FOO0" not in text and 'method="get"' not in text

@@ -80,6 +80,7 @@ class GenerationGroup:
         self._first_token_at: float | None = None
         self._next_poll = self._start + _DISCONNECT_POLL_S
         self._finished = 0
+        self._ran = False  # whether any of its requests got a slot (see `_apply`)
         self._counting: asyncio.Task[None] | None = None
         self._cancel_requested = False  # a "cancelled" finish we did not ask for is the server shutting down
 
@@ -211,9 +212,14 @@ class GenerationGroup:
             choice.prompt_truncated = result.prompt_truncated
             if result.text is not None and reason != "cancelled":
                 choice.text = result.text
-        self.metrics.prompt_tokens.labels(self.worker.name).inc(choice.prompt_tokens)
+        # a request cancelled (or out of time) while it waited for a slot never ran: no prompt read, no generation
+        # to time (a slot's prefill gives the first token in the same step, so "ran" is "has a token")
+        ran = bool(choice.token_ids) or reason not in ("cancelled", "length")
+        self._ran = self._ran or ran
+        if ran:
+            self.metrics.prompt_tokens.labels(self.worker.name).inc(choice.prompt_tokens)
         self.metrics.generated_tokens.labels(self.worker.name).inc(len(choice.token_ids))
-        if self.done:
+        if self.done and self._ran:
             self.metrics.generation_seconds.labels(self.worker.name).observe(now - self._start)
 
     def hand_over_to_stream(self) -> None:

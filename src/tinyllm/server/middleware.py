@@ -51,6 +51,14 @@ PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico", "/docs", "/docs/oauth2
 PUBLIC_PREFIXES = ("/static/",)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+
+def _method_label(method: str) -> str:
+    """The method as a metrics label: any other token a client sends ("FOO0", "get") is "other" (bounded)."""
+    return method if method in _METHODS else "other"
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
@@ -82,7 +90,13 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         start = time.perf_counter()
         status = 500
-        started = False
+        started = disconnected = False
+
+        async def receive_watching() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            disconnected = disconnected or message["type"] == "http.disconnect"
+            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, started
@@ -98,15 +112,17 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_watching, send_with_id)
         except Exception:  # a bug: log it with the request id, answer without internals
             logger.exception("unhandled error in %s %s (request id %s)", scope["method"], scope["path"], request_id)
             if not started:
                 await internal_error_response(scope["path"])(scope, receive, send_with_id)
         finally:
+            if disconnected and not started:  # the client left before its body was in (or any answer): nginx's 499
+                status = 499
             seconds = time.perf_counter() - start
             self.metrics.observe_request(
-                method=scope["method"], route=self._route(scope), status=status, seconds=seconds
+                method=_method_label(scope["method"]), route=self._route(scope), status=status, seconds=seconds
             )
             access_logger.info(
                 "method=%s path=%r status=%d duration_ms=%.1f request_id=%s",  # %r: a path cannot forge a log line
