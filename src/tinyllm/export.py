@@ -81,6 +81,9 @@ def write_gpt2_tokenizer(out_dir: Path, *, model_max_length: int, tokenizer: Tok
         "add_prefix_space": False,
         "add_bos_token": False,
         "model_max_length": model_max_length,
+        # text that spells "<|endoftext|>" stays text, as tinyllm (and tiktoken's encode_ordinary) reads it:
+        # transformers, vLLM and TGI then see the token ids tinyllm trained and scored
+        "split_special_tokens": True,
         **special,
     }
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
