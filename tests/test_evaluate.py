@@ -166,6 +166,13 @@ def test_prepared_split_bytes_match_its_tokens(tinyllm_home, gpt2_tokenizer, tmp
     prefix = evaluate_model(model, data=data, max_tokens=5)
     assert prefix.tokens_scored == 5
     assert prefix.bytes == len(gpt2_tokenizer.decode(tokens[1:6].tolist()).encode())
+    # A byte budget that ends with a document stops before the end-of-text after it: the model whose prefix
+    # set the budget was not charged for predicting it (compare --max-tokens charged GPT-2 alone for it).
+    first_doc = int(np.argmax(tokens[1:] == gpt2_tokenizer.eot_token))  # tokens before the first separator
+    budget = text_bytes(tokens[: first_doc + 1], tokenizer=gpt2_tokenizer)
+    by_bytes = evaluate_model(model, data=data, max_bytes=budget)
+    assert (by_bytes.tokens_scored, by_bytes.bytes) == (first_doc, budget)
+    assert evaluate_model(model, data=data, max_bytes=budget + 1).tokens_scored == first_doc + 1  # then it counts
 
 
 def test_evaluate_model_rejects_tokens_past_the_vocabulary(gpt2_tokenizer, tmp_path):
@@ -394,6 +401,14 @@ def test_a_model_with_nan_weights_reports_without_crashing(tiny_checkpoint, tmp_
     body = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert body["models"][0]["eval"]["bits_per_byte"] is None
     assert (tmp_path / "report" / "bits_per_byte.png").exists()
+    # with samples asked for (compare always asks), their failure no longer loses the scores
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ROMEO:\n")
+    assert main([*argv, "--prompts", str(prompts), "--report", str(tmp_path / "report2")]) == 0
+    (model,) = json.loads(capsys.readouterr().out)["models"]
+    assert model["eval"]["bits_per_byte"] is None and model["samples"] == []
+    assert "NaN or inf" in model["samples_unavailable"]
+    assert "model: no samples (cannot sample" in (tmp_path / "report2" / "report.md").read_text()
 
 
 # --- which text is held out ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from tinyllm.corpus import CorpusError
 from tinyllm.data import PreparedData
 from tinyllm.errors import TinyLLMError
 from tinyllm.model import GPT
-from tinyllm.sampling import SamplingParams
+from tinyllm.sampling import SamplingError, SamplingParams
 from tinyllm.tokenizer import Tokenizer, get_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -389,7 +389,11 @@ def evaluate_model(
         lengths = np.array(
             [len(tokenizer.token_bytes(int(t))) if int(t) != tokenizer.eot_token else 0 for t in tokens[1:]]
         )
-        fits = int(np.searchsorted(np.cumsum(lengths), max_bytes, side="right"))
+        # the tokens whose bytes end at or before max_bytes, without the zero-byte end-of-text tokens just past
+        # it (the model whose prefix set max_bytes was not charged for predicting those)
+        ends = np.cumsum(lengths)
+        fits = int(np.searchsorted(ends, max_bytes, side="left"))
+        fits += int(fits < len(ends) and ends[fits] == max_bytes)
         max_tokens = max(1, fits) if max_tokens is None else min(max_tokens, max(1, fits))
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and int(tokens.max()) >= vocab:
@@ -538,6 +542,7 @@ class ModelResults:
     samples: list[Sample] = field(default_factory=list)
     metrics: GenerationMetrics | None = None
     unavailable: str | None = None
+    samples_unavailable: str | None = None  # why there are no samples (the model's logits were not finite)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -547,6 +552,7 @@ class ModelResults:
             "metrics": self.metrics.to_dict() if self.metrics else None,
             "samples": [asdict(s) for s in self.samples],
             "unavailable": self.unavailable,
+            "samples_unavailable": self.samples_unavailable,
         }
 
 
@@ -617,7 +623,12 @@ def measure_model(
             batch_size=batch_size, device=device, progress=progress, tokenizer=tokenizer,
         )  # fmt: skip
     if prompts:
-        result.samples = generate_samples(model, prompts, params=params, seeds=seeds, tokenizer=tokenizer)
+        try:
+            result.samples = generate_samples(model, prompts, params=params, seeds=seeds, tokenizer=tokenizer)
+        except SamplingError as exc:  # e.g. NaN weights: the scores above (NaN too) still get reported
+            logger.warning("%s: no samples (%s)", name, exc)
+            result.samples_unavailable = str(exc)
+            return result
         result.metrics = generation_metrics(
             [s.token_ids for s in result.samples], texts=[s.text for s in result.samples]
         )

@@ -223,7 +223,8 @@ def _results_section(results: Sequence[ModelResults], bpb_plot: Path | None, rep
     texts = sorted({r.eval.text for r in results if r.eval and r.eval.text})
     methods = sorted({r.eval.method for r in results if r.eval})
     lines += [""] + [f"Held-out text: {t}." for t in texts] + [f"Method: {m}." for m in methods] + [""]
-    lines += [f"{r.name} unavailable: {r.unavailable}" for r in results if r.unavailable] + [""]
+    lines += [f"{r.name} unavailable: {r.unavailable}" for r in results if r.unavailable]
+    lines += [f"{r.name}: no samples ({r.samples_unavailable})" for r in results if r.samples_unavailable] + [""]
     if bpb_plot is not None:
         lines += [f"![bits per byte]({bpb_plot.name})", ""]
     measured = [r for r in results if r.metrics is not None]
@@ -325,6 +326,7 @@ def text_summary(results: Sequence[ModelResults]) -> str:
                 f"{e.tokens_scored:>11,} {e.bytes:>12,} {f'{e.context}/{e.stride}':>15}"
             )
         lines += [f"method: {m}" for m in sorted({r.eval.method for r in results if r.eval})] + [""]
+    lines += [f"{r.name}: no samples ({r.samples_unavailable})" for r in results if r.samples_unavailable]
     keys = list(dict.fromkeys((s.prompt, s.seed) for r in results for s in r.samples))
     width = max((len(r.name) for r in results), default=0)
     for prompt, seed in keys:
