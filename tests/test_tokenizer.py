@@ -166,6 +166,24 @@ def test_hf_vocabulary_rebuilds_a_trained_bpe(tmp_path):
     assert get_tokenizer(str(tmp_path)).name == tok.name
 
 
+def test_a_directory_transformers_resaved_keeps_its_tokenizer(tmp_path):
+    """transformers 5's save_pretrained writes tokenizer.json alone (no vocab.json): tinyllm fell back to GPT-2's
+    tokenizer, wrong for a trained BPE (and silently so for one of 50,257 tokens)."""
+    transformers = pytest.importorskip("transformers")
+    from tinyllm.export import write_gpt2_tokenizer
+    from tinyllm.tokenizer import gpt2_source_tokenizer
+
+    tok = train_bpe(TEXTS, vocab_size=300)
+    (tmp_path / "exported").mkdir()
+    write_gpt2_tokenizer(tmp_path / "exported", model_max_length=64, tokenizer=tok)
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "exported").save_pretrained(tmp_path / "resaved")
+    (tmp_path / "resaved" / "vocab.json").unlink(missing_ok=True)  # as transformers 5 leaves it
+    (tmp_path / "resaved" / "merges.txt").unlink(missing_ok=True)
+    for loaded in (gpt2_source_tokenizer(tmp_path / "resaved"), get_tokenizer(str(tmp_path / "resaved"))):
+        assert (loaded.name, loaded.vocab_size, loaded.eot_token) == (tok.name, 300, 299)
+        assert all(loaded.encode(text) == tok.encode(text) for text in TEXTS)
+
+
 def test_hf_vocabulary_of_gpt2_is_gpt2(tmp_path, gpt2_tokenizer):
     from tinyllm.export import write_gpt2_tokenizer
     from tinyllm.tokenizer import gpt2_source_tokenizer

@@ -223,20 +223,23 @@ def _fetch(source: str, filename: str) -> Path | None:
 
 
 def vocab_dir(source: str) -> Path | None:
-    """The directory holding the `vocab.json` of GPT-2 model `source` (a local directory, or the hub cache's
-    snapshot of a hub id), or None where GPT-2's own tokenizer applies: OpenAI's GPT-2 sizes, and a source
-    without one (a hub repository that cannot be reached is logged and treated as such)."""
+    """The directory holding the vocabulary of GPT-2 model `source` (`vocab.json`, or only a Hugging Face
+    `tokenizer.json`, as transformers 5 saves; a local directory, or the hub cache's snapshot of a hub id), or
+    None where GPT-2's own tokenizer applies: OpenAI's GPT-2 sizes, and a source without one (a hub repository
+    that cannot be reached is logged and treated as such)."""
     from tinyllm.checkpoint import GPT2_NAMES
-    from tinyllm.tokenizer import HF_VOCAB_FILE
+    from tinyllm.tokenizer import HF_VOCAB_FILE, TOKENIZER_JSON, hf_tokenizer_vocab
 
     if source in GPT2_NAMES or source.removeprefix("openai-community/") in GPT2_NAMES:
         return None
     try:
-        path = _fetch(source, HF_VOCAB_FILE)
+        if (path := _fetch(source, HF_VOCAB_FILE)) is not None:
+            return path.parent
+        path = _fetch(source, TOKENIZER_JSON)
     except GPT2UnavailableError as exc:
         logger.warning("no vocabulary for %s (%s); using GPT-2's tokenizer", source, exc)
         return None
-    return path.parent if path is not None else None
+    return path.parent if path is not None and hf_tokenizer_vocab(path) is not None else None
 
 
 def _read_weights(source: str) -> tuple[dict[str, torch.Tensor], str]:

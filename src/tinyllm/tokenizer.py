@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tiktoken
@@ -127,8 +128,8 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     vocabulary too (`vocab.json`)."""
     if name != "gpt2":
         for candidate in (Path(name), trained_tokenizers_dir() / name):
-            if (candidate / HF_VOCAB_FILE).exists():  # before tokenizer.json: Hugging Face names its own so
-                return load_hf_tokenizer(candidate)
+            if (candidate / HF_VOCAB_FILE).exists() or hf_tokenizer_vocab(candidate / TOKENIZER_JSON) is not None:
+                return load_hf_tokenizer(candidate)  # Hugging Face names its own tokenizer.json so
             if (candidate / TOKENIZER_JSON).exists():
                 return load_tokenizer(candidate)
         recipe = (
@@ -255,10 +256,13 @@ def load_hf_tokenizer(directory: str | Path) -> Tokenizer:
     as a corpus-trained tokenizer written by `tinyllm export`, under the name training gave it.
     """
     path = Path(directory) / HF_VOCAB_FILE
-    try:
-        vocab = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise TokenizerError(f"{path}: cannot read the vocabulary ({exc})") from None
+    if not path.exists() and (hf := hf_tokenizer_vocab(Path(directory) / TOKENIZER_JSON)) is not None:
+        path, vocab = Path(directory) / TOKENIZER_JSON, hf  # what transformers 5's save_pretrained writes alone
+    else:
+        try:
+            vocab = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise TokenizerError(f"{path}: cannot read the vocabulary ({exc})") from None
     if not isinstance(vocab, dict) or not isinstance(vocab.get(EOT_TEXT), int):
         raise TokenizerError(f"{path}: not a GPT-2 vocabulary (no {EOT_TEXT} token)")
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
@@ -282,6 +286,23 @@ def load_hf_tokenizer(directory: str | Path) -> Tokenizer:
         explicit_n_vocab=n_vocab,
     )
     return Tokenizer(encoding)
+
+
+def hf_tokenizer_vocab(path: Path) -> dict[str, Any] | None:
+    """The vocabulary (token text -> id, end-of-text included) of a Hugging Face `tokenizer.json` holding a BPE,
+    or None when `path` is missing, unreadable or something else (tinyllm's own tokenizer.json, say)."""
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        return None
+    vocab = dict(model["vocab"])
+    for added in spec.get("added_tokens") or []:  # the special token may be listed only here
+        if isinstance(added, dict) and added.get("content") == EOT_TEXT and EOT_TEXT not in vocab:
+            vocab[EOT_TEXT] = added.get("id")
+    return vocab
 
 
 def gpt2_source_tokenizer(source: str | Path) -> Tokenizer:
