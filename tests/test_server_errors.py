@@ -255,8 +255,9 @@ def test_unknown_model_route_method_and_limits(gpt2_tokenizer: Tokenizer) -> Non
     with serving(gpt2_tokenizer, settings=SETTINGS.replace(max_new_tokens_cap=10)) as client:
         err = _openai_error(client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"}), 404)
         assert err["code"] == "model_not_found" and err["param"] == "model"
+        assert err["type"] == "invalid_request_error"  # OpenAI's type for it (its SDK raises NotFoundError by status)
         assert _flat_error(client.get("/nope"), 404)["type"] == "not_found_error"
-        _openai_error(client.get("/v1/nope"), 404)
+        assert _openai_error(client.get("/v1/nope"), 404)["type"] == "invalid_request_error"
         _flat_error(client.get("/generate/custom"), 405)
         cap = client.post("/generate/custom", json={"prompt": "x", "max_new_tokens": 11})
         assert _flat_error(cap, 400)["param"] == "max_new_tokens"

@@ -376,8 +376,11 @@ def test_health_ready_and_request_id(client: TestClient) -> None:
 
 def test_metrics_count_requests_and_tokens(client: TestClient) -> None:
     client.post("/generate/custom", json={"prompt": "count me", "max_new_tokens": 3})
+    client.get("/docs")
+    client.get("/static/app.js")
     text = client.get("/metrics").text
     assert 'tinyllm_http_requests_total{method="POST",route="/generate/custom",status="200"}' in text
+    assert 'route="/docs",status="200"' in text and 'route="/static",status="200"' in text  # not "unmatched"
     for name in (
         "tinyllm_generated_tokens_total",
         "tinyllm_prompt_tokens_total",

@@ -106,7 +106,7 @@ def create_app(
     routes = []
     for module in (routes_seed, routes_openai, routes_ops):
         app.include_router(module.router)
-        routes += module.router.routes  # for the metrics of requests answered before routing
+        routes += module.router.routes  # (app.routes holds the included routers themselves, without paths)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # add_middleware wraps the app so far: the last added runs first.
@@ -115,6 +115,9 @@ def create_app(
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     if "*" not in (allowed := settings.resolved_allowed_hosts()):
         app.add_middleware(HostCheckMiddleware, allowed=allowed)
+    # every route (the API docs and /static too) names its requests in the metrics, even those answered before
+    # routing (401, 413, a wrong host)
+    routes += [r for r in app.routes if getattr(r, "path", None)]
     app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=routes)
     return app
 

@@ -123,6 +123,8 @@ def error_body(
 ) -> dict[str, Any]:
     """The JSON error body for a request to `path` (OpenAI's shape under /v1/)."""
     if path.startswith("/v1/") or path == "/v1":
+        if type == "not_found_error":  # OpenAI calls an unknown model or URL an invalid request (status 404)
+            type = "invalid_request_error"
         return {"error": {"message": message, "type": type, "param": param, "code": code}}
     return {"detail": message, "type": type, "param": param, "code": code}
 

@@ -74,11 +74,12 @@ class RequestContextMiddleware:
         self.metrics = metrics
         self.routes = routes  # to label requests the middleware below answered (401, 413) by their route
 
-    def _route(self, scope: Scope) -> str:
-        """The route template for metrics ("/v1/models/{model}"); "unmatched" for no route (bounded labels)."""
+    def _route(self, scope: Scope, unrouted: Scope) -> str:
+        """The route template for metrics ("/v1/models/{model}"); "unmatched" for no route (bounded labels).
+        `unrouted`: the scope as the request came, for requests answered before routing (401, 413)."""
         route = scope.get("route")
         if route is None:
-            route = next((r for r in self.routes if r.matches(scope)[0] == Match.FULL), None)
+            route = next((r for r in self.routes if r.matches(unrouted)[0] == Match.FULL), None)
         return getattr(route, "path", None) or "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -91,6 +92,7 @@ class RequestContextMiddleware:
         start = time.perf_counter()
         status = 500
         started = disconnected = False
+        unrouted = dict(scope)  # routing rewrites the scope (a mount's root_path): match the request as it came
 
         async def receive_watching() -> Message:
             nonlocal disconnected
@@ -121,8 +123,9 @@ class RequestContextMiddleware:
             if disconnected and not started:  # the client left before its body was in (or any answer): nginx's 499
                 status = 499
             seconds = time.perf_counter() - start
+            route = self._route(scope, unrouted)
             self.metrics.observe_request(
-                method=_method_label(scope["method"]), route=self._route(scope), status=status, seconds=seconds
+                method=_method_label(scope["method"]), route=route, status=status, seconds=seconds
             )
             access_logger.info(
                 "method=%s path=%r status=%d duration_ms=%.1f request_id=%s",  # %r: a path cannot forge a log line
