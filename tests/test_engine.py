@@ -429,6 +429,38 @@ def test_cancel_frees_the_slot_at_once(tiny: GPT) -> None:
     assert b.result().token_ids == generate(tiny, [[3]], sp, eos_token_id=None)[0].token_ids
 
 
+def test_a_row_that_cannot_be_sampled_fails_alone(tiny: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request's non-finite logits failed every request decoded in the same step."""
+    from tinyllm import sampling
+
+    real = sampling._sample_row
+
+    def broken_for_one(logits, params, *rest):  # noqa: ANN001, ANN002, ANN202
+        if params.temperature == 0.7:  # this request's numbers broke
+            raise SamplingError("cannot sample: the model's logits hold NaN or inf")
+        return real(logits, params, *rest)
+
+    sampled = SamplingParams(temperature=1.0, seed=3, max_new_tokens=6, top_k=0)
+    alone = [
+        generate(tiny, [[1, 2]], GREEDY, eos_token_id=None)[0],
+        generate(tiny, [[3]], sampled, eos_token_id=None)[0],
+    ]
+    monkeypatch.setattr(sampling, "_sample_row", broken_for_one)
+    engine = Engine(tiny, max_batch_size=3)
+    handles = [
+        engine.submit(Request(prompt=[1, 2], params=GREEDY)),
+        engine.submit(Request(prompt=[5], params=sampled.replace(temperature=0.7))),
+        engine.submit(Request(prompt=[3], params=sampled)),
+    ]
+    while engine.has_work():
+        engine.step()
+    results = [h.result() for h in handles]
+    assert results[1].finish_reason == "error" and "NaN or inf" in results[1].error
+    assert [r.token_ids for r in (results[0], results[2])] == [r.token_ids for r in alone]  # as if decoded alone
+    with pytest.raises(SamplingError, match="NaN or inf"):  # called without `errors`, sample still raises
+        sampling.sample(torch.zeros(1, 4), sampled.replace(temperature=0.7))
+
+
 def test_queue_full_raises(tiny: GPT) -> None:
     engine = Engine(tiny, max_batch_size=1, max_queue=2)
     for _ in range(3):  # one for the free slot, two queued

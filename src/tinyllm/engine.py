@@ -736,6 +736,7 @@ class Engine:
         (B,) when already computed (the compiled or C step's)."""
         params = [s.params for s in seqs]
         needs_history = any(p.has_penalties for p in params)
+        failed: dict[int, str] = {}  # rows whose logits could not be sampled: they end, the others go on
         tokens = sample(
             logits,
             params,
@@ -743,6 +744,7 @@ class Engine:
             output_ids=[s.output for s in seqs] if needs_history else None,
             prompt_ids=[s.prompt for s in seqs] if needs_history else None,
             argmax=greedy,
+            errors=failed,
         )
         lp_rows = [i for i, p in enumerate(params) if p.logprobs]
         row_logprobs: dict[int, TokenLogprob] = {}
@@ -759,6 +761,12 @@ class Engine:
             for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
                 if seq.finished or self._slots[seq.slot] is not seq:  # type: ignore[index]
                     continue  # cancelled while this step ran
+                if i in failed:
+                    logger.error("request %s failed: %s", seq.request_id, failed[i])
+                    seq.finished = True
+                    self._slots[seq.slot] = None  # type: ignore[index]
+                    events.append(self._finish(seq, "error", delta_text="", error=f"SamplingError: {failed[i]}"))
+                    continue
                 seq.output.append(token)
                 if seq.first_token_at is None:
                     seq.first_token_at = now

@@ -290,12 +290,15 @@ def sample(
     output_ids: Sequence[Sequence[int]] | None = None,
     prompt_ids: Sequence[Sequence[int]] | None = None,
     argmax: torch.Tensor | Sequence[int] | None = None,
+    errors: dict[int, str] | None = None,
 ) -> list[int]:
     """Draw one token id per row of `logits` (B, V), each row with its own params and generator.
 
     Greedy rows without penalties share one batched argmax (or take `argmax` (B,), the rows' argmax when the
     caller has it already); other rows are drawn one by one. `output_ids` / `prompt_ids` give each row's history
-    for the penalties.
+    for the penalties. A row that cannot be drawn (its logits are not finite) raises SamplingError, or with
+    `errors` is recorded there by row index (its token is a placeholder 0) while the other rows are drawn as
+    they would have been.
     """
     if logits.dim() == 1:
         logits = logits.unsqueeze(0)
@@ -318,7 +321,12 @@ def sample(
             result[i] = token
     for i, p in enumerate(row_params):
         if not (p.greedy and not p.has_penalties):
-            result[i] = _sample_row(logits[i], p, gens[i], outs[i], prompts[i])
+            try:
+                result[i] = _sample_row(logits[i], p, gens[i], outs[i], prompts[i])
+            except SamplingError as exc:
+                if errors is None:
+                    raise
+                errors[i] = str(exc)
     return result
 
 
