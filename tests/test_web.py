@@ -192,6 +192,8 @@ def test_page_compares_models_in_a_real_browser(live_server: LiveServer, browser
     page.on("request", lambda r: requested.append(r.url))
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    # the page is served with a strict Content-Security-Policy: nothing on it may be refused by it
+    page.on("console", lambda m: "Content Security Policy" in m.text and errors.append(m.text))
     page.set_default_timeout(20_000)
     expect.set_options(timeout=60_000)  # generous: CI machines with 2 busy cores decode slowly
     try:
@@ -363,6 +365,8 @@ def test_page_reports_failures_as_failures(live_server: LiveServer, browser) -> 
     expect.set_options(timeout=60_000)
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    # the page is served with a strict Content-Security-Policy: nothing on it may be refused by it
+    page.on("console", lambda m: "Content Security Policy" in m.text and errors.append(m.text))
     try:
         page.goto(live_server.url + "/")
         expect(page.locator("#api-key-box")).to_have_attribute("open", "")  # the first 401 opens it
