@@ -240,6 +240,21 @@ def test_completion_shape_usage_and_logprobs(client: TestClient, tok: Tokenizer)
     assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}
 
 
+def test_openai_flags_are_strictly_typed(client: TestClient) -> None:
+    """As OpenAI's: "stream": "yes" streamed and "logprobs": true meant 1 here."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    for path, body, param in (
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "stream": "yes"}, "stream"),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "logprobs": True}, "logprobs"),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "echo": 1}, "echo"),
+        ("/v1/chat/completions", {**chat, "logprobs": "true"}, "logprobs"),
+    ):
+        r = client.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    ok = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "stream": False, "logprobs": 1})
+    assert ok.status_code == 200 and len(ok.json()["choices"][0]["logprobs"]["tokens"]) == 2
+
+
 def test_openai_top_p_zero_is_greedy(client: TestClient) -> None:
     """OpenAI accepts top_p 0 (the likeliest token only); it was a 422 here."""
     body = {"prompt": "Hello", "max_tokens": 6, "seed": 3, "temperature": 1.5}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from tinyllm.sampling import MAX_TOP_LOGPROBS
 from tinyllm.server.schemas import MAX_NEW_TOKENS_BOUND, MAX_SEED, ModelId, Stop, Text, null_is_default
@@ -85,7 +85,8 @@ class _OpenAIRequest(BaseModel):
     n: Annotated[int, null_is_default(1)] = Field(1, ge=1, le=MAX_N, description="choices per prompt")
     stop: Stop = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stream: Annotated[bool, null_is_default(False)] = False
+    # strict, as OpenAI's: "stream": "yes" or "logprobs": true are errors, not a stream and 1 log-probability
+    stream: Annotated[StrictBool, null_is_default(False)] = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
@@ -110,8 +111,8 @@ PromptOrBatch = Prompt | Annotated[list[TokenIds], Field(min_length=1, max_lengt
 class CompletionRequest(_OpenAIRequest):
     prompt: PromptOrBatch = Field(..., description="a string, a list of strings, token ids, or lists of token ids")
     max_tokens: int | None = Field(16, ge=1, le=MAX_NEW_TOKENS_BOUND)
-    logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of each token and the top N")
-    echo: Annotated[bool, null_is_default(False)] = Field(False, description="prepend the prompt to the text")
+    logprobs: StrictInt | None = Field(None, ge=0, le=5, description="log-probabilities of each token and the top N")
+    echo: Annotated[StrictBool, null_is_default(False)] = Field(False, description="prepend the prompt to the text")
     suffix: _unsupported("suffix (insertion)") = None  # type: ignore[valid-type]
     best_of: _unsupported("best_of (use n)", allowed=(None, 1)) = None  # type: ignore[valid-type]
 
@@ -175,7 +176,7 @@ class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_BOUND, description="default: the server's 64")
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_BOUND, description="alias of max_tokens")
-    logprobs: Annotated[bool, null_is_default(False)] = False
+    logprobs: Annotated[StrictBool, null_is_default(False)] = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: _unsupported("tool calling") = None  # type: ignore[valid-type]
     tool_choice: _unsupported("tool calling", allowed=(None, "none", "auto")) = None  # type: ignore[valid-type]
