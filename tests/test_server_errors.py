@@ -234,6 +234,10 @@ def test_openai_features_not_implemented_are_refused_not_ignored(gpt2_tokenizer:
         # their neutral values are fine (clients send them by default)
         neutral = {"logit_bias": {}, "tool_choice": "none", "response_format": {"type": "text"}, "tools": []}
         assert client.post("/v1/chat/completions", json={**chat, **neutral}).status_code == 200
+        tools = [{"type": "function", "function": {"name": "f"}}]  # offered, but the model may not call them
+        assert (
+            client.post("/v1/chat/completions", json={**chat, "tools": tools, "tool_choice": "none"}).status_code == 200
+        )
         plain = {"prompt": "x", "max_tokens": 2, "best_of": 1, "suffix": None, "logit_bias": None}
         assert client.post("/v1/completions", json=plain).status_code == 200
 

@@ -11,7 +11,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
 
 from tinyllm.sampling import MAX_TOP_LOGPROBS
 from tinyllm.server.schemas import MAX_NEW_TOKENS_BOUND, MAX_SEED, ModelId, Stop, Text, null_is_default
@@ -178,13 +187,20 @@ class ChatCompletionRequest(_OpenAIRequest):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS_BOUND, description="alias of max_tokens")
     logprobs: Annotated[StrictBool, null_is_default(False)] = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: _unsupported("tool calling") = None  # type: ignore[valid-type]
     tool_choice: _unsupported("tool calling", allowed=(None, "none", "auto")) = None  # type: ignore[valid-type]
+    tools: Any = None  # refused unless tool_choice is "none" (the model may not call them: nothing to implement)
     functions: _unsupported("function calling") = None  # type: ignore[valid-type]
     function_call: _unsupported("function calling", allowed=(None, "none", "auto")) = None  # type: ignore[valid-type]
     response_format: _unsupported(  # type: ignore[valid-type]
         "response_format other than text (JSON mode, structured outputs)", allowed=(None, {"type": "text"})
     ) = None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tool_calls(cls, value: Any, info: ValidationInfo) -> Any:
+        if value in (None, [], {}) or info.data.get("tool_choice") == "none":
+            return value
+        raise ValueError("tool calling is not supported by this server; leave it out (or send tool_choice 'none')")
 
 
 class TopLogprob(BaseModel):
