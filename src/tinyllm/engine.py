@@ -916,7 +916,16 @@ def generate(
     ]
     while engine.has_work():
         engine.step()
-    return [h.result() for h in handles]
+    results = [h.result() for h in handles]
+    for result in results:
+        _raise_if_failed(result)
+    return results
+
+
+def _raise_if_failed(result: GenerationResult | None) -> None:
+    """The one-call helpers raise what the engine's loop keeps to the one request (logits that are not finite)."""
+    if result is not None and result.finish_reason == "error":
+        raise SamplingError(str(result.error or "generation failed").removeprefix("SamplingError: "))
 
 
 def stream(
@@ -943,7 +952,9 @@ def stream(
     )
     engine.submit(Request(prompt=prompt, params=params, truncate=truncate))
     while engine.has_work():
-        yield from engine.step()
+        for event in engine.step():
+            _raise_if_failed(event.result)
+            yield event
 
 
 @torch.inference_mode()
