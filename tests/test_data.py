@@ -147,15 +147,18 @@ def test_a_build_removes_stale_staging_directories_only(tinyllm_home, gpt2_token
     cache, key, host = tinyllm_home / "data", "0123456789abcdef" * 2, data_mod._host()
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(finished.stdout)
-    day = data_mod.STALE_STAGING_SECONDS
+    day, idle = data_mod.STALE_STAGING_SECONDS, data_mod.DEAD_OWNER_IDLE_SECONDS
     removed = [
-        _staging(cache, f".{key}-{dead}@{host}-k1ll3d_"),  # this machine's, its process gone
+        _staging(cache, f".{key}-{dead}@{host}-k1ll3d_", age_s=idle + 60),  # this machine's, its process gone
         _staging(cache, f".{key}-{os.getpid()}@other-host-0ld", age_s=day + 60),  # another machine's, idle a day
         _staging(cache, f".{key}-abc_123x", age_s=day + 60),  # named before names held the process: by age
         _staging(cache, f".{key}-{os.getpid()}@{host}-r3us3d", age_s=day + 60),  # its process id taken since
     ]
     kept = [
         _staging(cache, f".{key}-{os.getpid()}@{host}-runn1ng"),  # this process's (still building)
+        # its process looks gone, but it was written a minute ago: a container sharing the host name and cache
+        # sees other process ids, so a live build there may look dead here
+        _staging(cache, f".{key}-{dead}@{host}-c0ntnr", age_s=60),
         _staging(cache, f".{key}-{dead}@other-host-r3cent", age_s=60),  # another machine's, written a minute ago
         _staging(cache, f".{key}-abc_456y", age_s=60),
         _staging(cache, ".not-a-staging-dir", age_s=day + 60),

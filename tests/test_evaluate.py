@@ -166,13 +166,24 @@ def test_prepared_split_bytes_match_its_tokens(tinyllm_home, gpt2_tokenizer, tmp
     prefix = evaluate_model(model, data=data, max_tokens=5)
     assert prefix.tokens_scored == 5
     assert prefix.bytes == len(gpt2_tokenizer.decode(tokens[1:6].tolist()).encode())
-    # A byte budget that ends with a document stops before the end-of-text after it: the model whose prefix
-    # set the budget was not charged for predicting it (compare --max-tokens charged GPT-2 alone for it).
+    # A byte budget that ends with a document takes the end-of-text after it only if the model whose prefix set
+    # the budget was charged for predicting it (compare --max-tokens charged one model alone for it)
     first_doc = int(np.argmax(tokens[1:] == gpt2_tokenizer.eot_token))  # tokens before the first separator
     budget = text_bytes(tokens[: first_doc + 1], tokenizer=gpt2_tokenizer)
-    by_bytes = evaluate_model(model, data=data, max_bytes=budget)
-    assert (by_bytes.tokens_scored, by_bytes.bytes) == (first_doc, budget)
-    assert evaluate_model(model, data=data, max_bytes=budget + 1).tokens_scored == first_doc + 1  # then it counts
+    without_end = evaluate_model(model, data=data, max_tokens=first_doc)
+    with_end = evaluate_model(model, data=data, max_tokens=first_doc + 1)
+    assert (without_end.bytes, without_end.ends_scored, with_end.bytes, with_end.ends_scored) == (budget, 0, budget, 1)
+    for other in (without_end, with_end):
+        by_bytes = evaluate_model(model, data=data, max_bytes=other.bytes, max_ends=other.ends_scored)
+        assert (by_bytes.tokens_scored, by_bytes.bytes, by_bytes.ends_scored) == (
+            other.tokens_scored,
+            other.bytes,
+            other.ends_scored,
+        )
+    whole = evaluate_model(model, data=data)  # the whole stream ends with a document end: charged to both
+    assert whole.ends_scored == data.meta["splits"]["val"]["documents"]
+    again = evaluate_model(model, data=data, max_bytes=whole.bytes, max_ends=whole.ends_scored)
+    assert again.tokens_scored == whole.tokens_scored
 
 
 def test_evaluate_model_rejects_tokens_past_the_vocabulary(gpt2_tokenizer, tmp_path):

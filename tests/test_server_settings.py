@@ -29,7 +29,9 @@ def test_from_env_reads_the_five_variables() -> None:
     s = ServerSettings.from_env(env)
     assert (s.host, s.port, s.api_key, s.checkpoint, s.gpt2) == ("0.0.0.0", 8080, "secret", "runs/x", None)
     assert ServerSettings.from_env({"TINYLLM_API_KEY": " secret\n"}).api_key == "secret"  # pasted with a newline
-    assert ServerSettings(api_key="  ").api_key is None
+    assert ServerSettings(api_key="").api_key is None  # empty: no key
+    with pytest.raises(SettingsError, match="only whitespace"):  # not silently no key (the server would be open)
+        ServerSettings.from_env({"TINYLLM_API_KEY": "  \n"})
     capacity = {"TINYLLM_SLOTS": "2", "TINYLLM_MAX_QUEUE": "5", "TINYLLM_REQUEST_TIMEOUT_S": "1.5"}
     s = ServerSettings.from_env(capacity | {"TINYLLM_MAX_CONTEXT": "64"})  # settable without code
     assert (s.slots, s.max_queue, s.request_timeout_s, s.max_context) == (2, 5, 1.5, 64)

@@ -71,6 +71,7 @@ _JSONL_CR = re.compile(rb"\\(?:r|u000[dD])")
 # has no "-"); a process killed mid-build (SIGTERM, SIGKILL, power loss) leaves its staging directory behind.
 _STAGING = re.compile(r"\.[0-9a-f]{32}-(?:(?P<pid>\d+)@(?P<host>[\w.-]*)-)?[a-z0-9_]+")
 STALE_STAGING_SECONDS = 24 * 3600
+DEAD_OWNER_IDLE_SECONDS = 600  # a staging directory whose process is gone, untouched this long, is stale
 
 
 @dataclass(frozen=True)
@@ -375,11 +376,13 @@ def _pid_running(pid: int) -> bool:
 def _remove_stale_staging(root: Path) -> None:
     """Remove the staging directories that builds killed mid-way left in `root`; never one still in use.
 
-    A staging directory is stale when its name records a process of this machine that no longer runs, or when
-    nothing in it was written for `STALE_STAGING_SECONDS` (a day). The second rule covers what the first cannot
-    check: another machine's directory in a shared cache, one named before names recorded their process, one
-    whose process id a later process took (a container's processes often reuse the same few). A running build
-    writes its shards every few seconds, so only a build stopped (not killed) for a day could lose its directory.
+    A staging directory is stale when its name records a process of this machine that no longer runs and
+    nothing in it was written for `DEAD_OWNER_IDLE_SECONDS` (ten minutes: a container sharing this host name and
+    the cache sees other process ids, so a live build elsewhere may look dead here), or when nothing in it was
+    written for `STALE_STAGING_SECONDS` (a day). The second rule covers what the first cannot check: another
+    machine's directory in a shared cache, one named before names recorded their process, one whose process id
+    a later process took (a container's processes often reuse the same few). A running build writes its shards
+    every few seconds, so only a build stopped (not killed) for that long could lose its directory.
     """
     try:
         entries = list(os.scandir(root))
@@ -390,14 +393,13 @@ def _remove_stale_staging(root: Path) -> None:
         match = _STAGING.fullmatch(entry.name)
         if match is None or not entry.is_dir(follow_symlinks=False):
             continue
-        stale = bool(match["pid"]) and match["host"] == _host() and not _pid_running(int(match["pid"]))
-        if not stale:
-            try:
-                times = [entry.stat(follow_symlinks=False).st_mtime, *(c.stat().st_mtime for c in os.scandir(entry))]
-            except OSError:  # removed meanwhile (its build finished or failed)
-                continue
-            stale = now - max(times) > STALE_STAGING_SECONDS
-        if stale:
+        dead_owner = bool(match["pid"]) and match["host"] == _host() and not _pid_running(int(match["pid"]))
+        try:
+            times = [entry.stat(follow_symlinks=False).st_mtime, *(c.stat().st_mtime for c in os.scandir(entry))]
+        except OSError:  # removed meanwhile (its build finished or failed)
+            continue
+        idle = now - max(times)
+        if idle > (DEAD_OWNER_IDLE_SECONDS if dead_owner else STALE_STAGING_SECONDS):
             logger.info("removing %s, left by an interrupted build", entry.path)
             shutil.rmtree(entry.path, ignore_errors=True)
 

@@ -71,6 +71,7 @@ class EvalResult:
     method: str
     total_nats: float = field(default=0.0, repr=False)
     text: str = ""  # what was evaluated, e.g. "val split of shakespeare"
+    ends_scored: int = 0  # end-of-text tokens among the scored ones (document ends predicted)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -364,6 +365,7 @@ def evaluate_model(
     device: torch.device | str = "cpu",
     max_tokens: int | None = None,
     max_bytes: int | None = None,
+    max_ends: int | None = None,
     progress: bool = False,
     tokenizer: Tokenizer | None = None,
 ) -> EvalResult:
@@ -371,8 +373,9 @@ def evaluate_model(
 
     See `held_out_stream` for `data` (None: `training_heldout(model)`); `max_tokens` scores only a prefix,
     whose bytes are counted from its tokens; `max_bytes` the longest prefix of whole tokens spelling at most
-    that many bytes (the same text for models with different tokenizers, to within a token). `tokenizer` is a
-    module's (default GPT-2's); a spec brings its own.
+    that many bytes (the same text for models with different tokenizers, to within a token), with at most
+    `max_ends` document ends (another model's `ends_scored`: the end-of-text predictions it was charged for).
+    `tokenizer` is a module's (default GPT-2's); a spec brings its own.
     """
     if data is None:
         data = training_heldout(model if isinstance(model, str) else None)
@@ -389,11 +392,12 @@ def evaluate_model(
         lengths = np.array(
             [len(tokenizer.token_bytes(int(t))) if int(t) != tokenizer.eot_token else 0 for t in tokens[1:]]
         )
-        # the tokens whose bytes end at or before max_bytes, without the zero-byte end-of-text tokens just past
-        # it (the model whose prefix set max_bytes was not charged for predicting those)
-        ends = np.cumsum(lengths)
-        fits = int(np.searchsorted(ends, max_bytes, side="left"))
-        fits += int(fits < len(ends) and ends[fits] == max_bytes)
+        # the tokens whose bytes end at or before max_bytes, with as many document ends (zero-byte end-of-text
+        # tokens) as the model whose prefix set max_bytes was charged for: the same predictions, byte for byte
+        fits = int(np.searchsorted(np.cumsum(lengths), max_bytes, side="right"))
+        if max_ends is not None:
+            ends_at = np.flatnonzero(tokens[1 : fits + 1] == tokenizer.eot_token)
+            fits = int(ends_at[max_ends]) if len(ends_at) > max_ends else fits
         max_tokens = max(1, fits) if max_tokens is None else min(max_tokens, max(1, fits))
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and int(tokens.max()) >= vocab:
@@ -407,7 +411,8 @@ def evaluate_model(
         model, tokens, num_bytes=counted, context=context, stride=stride, batch_size=batch_size,
         device=device, max_tokens=max_tokens, progress=progress,
     )  # fmt: skip
-    return dataclasses.replace(result, text=what)
+    ends = int(np.count_nonzero(tokens[1 : scored + 1] == tokenizer.eot_token))
+    return dataclasses.replace(result, text=what, ends_scored=ends)
 
 
 # --- repetition in generated text ----------------------------------------------------------------
@@ -569,6 +574,7 @@ def measure_model(
     stride: int | None = None,
     max_tokens: int | None = None,
     max_bytes: int | None = None,
+    max_ends: int | None = None,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     skip_eval: bool = False,
@@ -584,7 +590,8 @@ def measure_model(
         gpt2: load pretrained GPT-2; when its weights cannot be loaded the result says why in `unavailable`
             instead of raising.
         prompts, params, seeds: the samples (no prompts: no samples); see `generate_samples`.
-        data, context, stride, max_tokens, max_bytes, batch_size: the held-out evaluation; see `evaluate_model`
+        data, context, stride, max_tokens, max_bytes, max_ends, batch_size: the held-out evaluation; see
+            `evaluate_model`
             (data None: the split a checkpoint was validated on, else the built-in corpus's).
         device: where the model runs.
         skip_eval: sample only.
@@ -620,6 +627,7 @@ def measure_model(
     if not skip_eval:
         result.eval = evaluate_model(
             model, data=data, context=context, stride=stride, max_tokens=max_tokens, max_bytes=max_bytes,
+            max_ends=max_ends,
             batch_size=batch_size, device=device, progress=progress, tokenizer=tokenizer,
         )  # fmt: skip
     if prompts:
@@ -656,7 +664,7 @@ def compare_models(
         scored = results[0].eval
         if options.get("max_tokens") is not None and scored is not None:
             # GPT-2's tokens split the text elsewhere: score the bytes the custom model's first max_tokens spell
-            options = {**options, "max_tokens": None, "max_bytes": scored.bytes}
+            options = {**options, "max_tokens": None, "max_bytes": scored.bytes, "max_ends": scored.ends_scored}
     if gpt2 is not None:
         results.append(measure_model("GPT-2", gpt2, gpt2=True, prompts=prompts, data=data, **options))
     return results

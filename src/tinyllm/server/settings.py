@@ -131,6 +131,8 @@ class ServerSettings:
         if self.request_timeout_s <= 0:
             raise SettingsError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if self.api_key is not None:  # a key pasted with a newline or spaces is the key without them
+            if self.api_key and not self.api_key.strip():  # not "no key": that would serve without one
+                raise SettingsError("the API key is only whitespace; give a key, or leave it unset for none")
             object.__setattr__(self, "api_key", self.api_key.strip() or None)
         self.resolved_device()  # an unknown device, or one this machine lacks: an error now, not at load
 
