@@ -29,6 +29,7 @@ from tinyllm.server.errors import (
     internal_error_response,
 )
 from tinyllm.server.metrics import Metrics
+from tinyllm.server.settings import LOOPBACK_HOSTS
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("tinyllm.server.access")
@@ -44,7 +45,6 @@ PAGE_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
 ]
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Reachable without the API key: liveness, the web page (which then sends the key itself) and the API docs.
 PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -160,7 +160,7 @@ class HostCheckMiddleware:
         self.allowed = tuple(name.lower() for name in allowed)
 
     def _allows(self, name: str) -> bool:
-        if name in LOOPBACK_NAMES:  # a rebinding page's requests carry its own name, never these (health checks do)
+        if name in LOOPBACK_HOSTS:  # a rebinding page's requests carry its own name, never these (health checks do)
             return True
         return any(name == a or (a.startswith("*.") and name.endswith(a[1:])) for a in self.allowed)
 

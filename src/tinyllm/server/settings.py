@@ -27,7 +27,7 @@ DEFAULT_GPT2_SOURCE = "openai-community/gpt2"
 DEFAULT_RUN_DIR = "runs/default"
 _OFF = {"", "0", "none", "off", "false", "no"}
 _NULLABLE = {"checkpoint", "gpt2", "api_key"}
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # a server bound to one answers only to these names by default
 
 
 class SettingsError(TinyLLMError):
@@ -150,7 +150,7 @@ class ServerSettings:
         if self.allowed_hosts is not None:
             return self.allowed_hosts
         if self.host in LOOPBACK_HOSTS:
-            return ("localhost", "127.0.0.1", "::1")
+            return LOOPBACK_HOSTS
         return ("*",)
 
     def resolved_torch_threads(self) -> int | None:
