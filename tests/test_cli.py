@@ -199,3 +199,32 @@ def test_tokenizer_train_then_prepare_with_it(tinyllm_home, tmp_path, capsys):
     assert f"tokenizer {name}" in out
     train_row = next(line.split() for line in out.splitlines() if line.startswith("train"))
     assert float(train_row[4]) > 3  # a tokenizer trained on this text packs several bytes per token
+
+
+def test_train_summary_is_printed_once_on_a_terminal(capsys):
+    """The summary goes to stdout for scripts and redirects, but not where stdout and stderr are one terminal:
+    the training log has just shown that line there."""
+    from types import SimpleNamespace
+
+    from tinyllm import cli
+
+    result = SimpleNamespace(rank=0, summary=lambda: "trained 2 steps")
+    cli._print_summary(result)  # captured streams are no terminal
+    assert capsys.readouterr().out == "trained 2 steps\n"
+    cli._print_summary(SimpleNamespace(rank=1, summary=lambda: "rank 1"))  # only rank 0 speaks
+    assert capsys.readouterr().out == ""
+
+    leader, follower = os.openpty()
+    other_leader, other_follower = os.openpty()
+    read, write = os.pipe()
+    with (
+        open(follower, "w", closefd=False) as tty,
+        open(os.dup(follower), "w") as same_tty,
+        open(other_follower, "w", closefd=False) as other_tty,
+        open(write, "w", closefd=False) as pipe,
+    ):
+        assert cli._same_terminal(tty, same_tty)
+        assert not cli._same_terminal(tty, other_tty)  # two terminals: each gets its own copy
+        assert not cli._same_terminal(pipe, tty) and not cli._same_terminal(tty, pipe)
+    for fd in (leader, follower, other_leader, other_follower, read, write):
+        os.close(fd)

@@ -250,6 +250,25 @@ def _exit_status(result: TrainResult) -> int:
     return 128 + int(result.stop_signal or signal.SIGINT)
 
 
+def _print_summary(result: TrainResult) -> None:
+    """The run's one-line summary on stdout (for scripts and redirects), except where stdout and stderr are the
+    same terminal: the training log just showed that line there."""
+    if result.rank != 0:
+        return
+    if _same_terminal(sys.stdout, sys.stderr):
+        return
+    print(result.summary())
+
+
+def _same_terminal(a: io.TextIOBase, b: io.TextIOBase) -> bool:
+    try:
+        if not (a.isatty() and b.isatty()):
+            return False
+        return os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
+    except (AttributeError, OSError, ValueError):  # replaced streams (tests, IDEs) without a descriptor
+        return False
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from tinyllm import train
 
@@ -258,8 +277,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         fields["data"] = tuple(args.data)
     fields["tokenizer"] = args.tokenizer
     result = train.train(train.train_config(preset=args.preset, **fields), progress=not args.no_progress)
-    if result.rank == 0:
-        print(result.summary())
+    _print_summary(result)
     return _exit_status(result)
 
 
@@ -268,8 +286,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     config = train.finetune_config(init_from=args.init_from, data=args.data, **_training_fields(args))
     result = train.train(config, progress=not args.no_progress)
-    if result.rank == 0:
-        print(result.summary())
+    _print_summary(result)
     return _exit_status(result)
 
 
