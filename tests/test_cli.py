@@ -228,3 +228,17 @@ def test_train_summary_is_printed_once_on_a_terminal(capsys):
         assert not cli._same_terminal(pipe, tty) and not cli._same_terminal(tty, pipe)
     for fd in (leader, follower, other_leader, other_follower, read, write):
         os.close(fd)
+
+
+def test_hub_warnings_print_once(capfd, caplog):
+    """huggingface_hub's own handler printed each of its warnings a second time beside ours (no time stamp)."""
+    import logging
+
+    import huggingface_hub.utils.logging  # noqa: F401 (imported, as loading GPT-2 does: its handler is there)
+
+    from tinyllm import cli
+
+    cli._one_line_per_record()
+    logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+    assert [r.getMessage() for r in caplog.records] == ["Retrying in 1s [Retry 1/5]."]  # to our handlers
+    assert "Retrying" not in capfd.readouterr().err  # and not through one of its own

@@ -693,6 +693,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_per_record() -> None:
+    """huggingface_hub gives its logger a handler of its own when imported and lets records propagate to the root
+    too, so under our logging each of its warnings (a retry, say) printed twice, once without a time stamp. Its
+    handler goes; its records go through ours."""
+    try:
+        import huggingface_hub.utils.logging  # noqa: F401 (adds that handler now, so it can go)
+    except ImportError:
+        return
+    hub = logging.getLogger("huggingface_hub")
+    for handler in [h for h in hub.handlers if type(h) is logging.StreamHandler]:
+        hub.removeHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -704,6 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    _one_line_per_record()
     try:
         return int(args.func(args) or 0)
     except TinyLLMError as exc:

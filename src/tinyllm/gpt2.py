@@ -205,9 +205,19 @@ def _fetch(source: str, filename: str) -> Path | None:
     if _is_local(source):
         path = Path(source).expanduser() / filename
         return path if path.is_file() else None
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+    # Offline first: a file the cache holds (or knows the repository lacks) needs no request, so a machine
+    # without a network does not wait out the hub's retries (~25 s) for weights it already has.
+    try:
+        cached = try_to_load_from_cache(source, filename)
+    except ValueError:  # not a valid repository id: the download below says so
+        cached = None
+    if isinstance(cached, str):
+        return Path(cached)
+    if cached is not None:  # cached as missing from the repository
+        return None
     # Honour HF_HUB_OFFLINE even when it was set after huggingface_hub read its environment at import.
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
