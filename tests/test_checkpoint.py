@@ -255,6 +255,22 @@ def test_bad_json(ckpt: Path, name: str) -> None:
         load_checkpoint(ckpt)
 
 
+def test_a_broken_model_directory_is_diagnosed_alike_for_loading_and_for_its_tokenizer(ckpt: Path) -> None:
+    """`finetune --from` asks for the tokenizer first: a broken directory must say what is wrong there too, not
+    "no model at" (as `generate` and `evaluate` say it, through resolve_model)."""
+    from tinyllm.checkpoint import model_tokenizer, resolve_model
+
+    (ckpt / "config.json").write_text('{"n_layer": 2,')
+    for look in (resolve_model, model_tokenizer):
+        with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+            look(str(ckpt))
+    (ckpt / "config.json").unlink()
+    (ckpt / "meta.json").unlink()  # only weights left: still a model directory missing its config
+    for look in (resolve_model, model_tokenizer):
+        with pytest.raises(CheckpointError, match="incomplete: config.json is missing"):
+            look(str(ckpt))
+
+
 def test_truncated_safetensors(ckpt: Path) -> None:
     data = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -610,6 +610,16 @@ def model_tokenizer(spec: str) -> Tokenizer:
         return checkpoint_tokenizer(ckpt)
     if spec in GPT2_NAMES or (path.is_dir() and gpt2.is_hf_gpt2_dir(path)) or _is_hub_id(spec, path):
         return gpt2_source_tokenizer(spec)
+    _no_model(spec, path)
+
+
+def _no_model(spec: str, path: Path) -> NoReturn:
+    """Why `spec` names no model: what is wrong with a directory that looks like one, else what a spec may be."""
+    if path.is_dir() and (
+        broken := _first_existing(path / "best", path / "last", path / CONFIG_FILE, path / MODEL_FILE)
+    ):
+        load_checkpoint(broken if broken.name in ("best", "last") else path)  # raises why it does not load
+        raise CheckpointError(f"{path} is not a loadable checkpoint")
     raise CheckpointError(f"no model at {spec!r}: {_MODEL_SPECS}")
 
 
@@ -636,11 +646,8 @@ def resolve_model(spec: str, *, device: torch.device | str = "cpu") -> tuple[GPT
         source = str(path)
     elif _is_hub_id(spec, path):
         source = spec
-    elif path.is_dir() and (broken := _first_existing(path / "best", path / "last", path / CONFIG_FILE)):
-        load_checkpoint(broken if broken.name != CONFIG_FILE else path)  # raises why it does not load
-        raise CheckpointError(f"{path} is not a loadable checkpoint")
     else:
-        raise CheckpointError(f"no model at {spec!r}: {_MODEL_SPECS}")
+        _no_model(spec, path)
     model = gpt2.load_gpt2(source, device=device)
     meta = {"kind": "gpt2", "source": source, "tokenizer": "gpt2"}
     if (vocab := gpt2.vocab_dir(source)) is not None:  # its own vocabulary, e.g. a `tinyllm export` of a BPE model
