@@ -481,6 +481,12 @@ def test_a_finetune_resumes_whatever_the_spelling_of_its_starting_point(tmp_path
     monkeypatch.chdir(tmp_path)
     again = finetune(init_from="base", progress=False, **{**fields, "max_steps": 4, "resume": True})
     assert again.steps == 4
+    # `train --resume` on a fine-tune (or `finetune --resume` on a run from scratch) says which command continues it
+    with pytest.raises(TrainError, match=r"it is a fine-tune of .*base; continue it with `tinyllm finetune --from"):
+        train(tiny(tmp_path, corpus, data=fields["data"], run_dir=fields["run_dir"], resume=True), progress=False)
+    train(tiny(tmp_path, corpus, max_steps=1, eval_interval=1, eval_iters=1), progress=False)
+    with pytest.raises(TrainError, match="trained from scratch, not fine-tuned from .*`tinyllm train --run-dir"):
+        finetune(init_from="base", progress=False, **{**fields, "run_dir": str(tmp_path / "run"), "resume": True})
 
 
 def test_finetune_from_a_local_gpt2_directory(tmp_path, corpus):

@@ -450,6 +450,18 @@ class _Run:
 
     def _check_resumable(self, config: Any, meta: dict[str, Any]) -> None:
         saved = meta.get("train_config") or {}
+        then, now = saved.get("init_from"), self.cfg.init_from
+        if then and not now:  # `train --resume` on a fine-tune: its model is --from's, whatever --preset says
+            raise TrainError(
+                f"cannot resume {self.run_dir / 'last'}: it is a fine-tune of {then}; continue it with "
+                f"`tinyllm finetune --from {then} --run-dir {self.run_dir} --resume` (and its data)"
+            )
+        if now and not then:
+            raise TrainError(
+                f"cannot resume {self.run_dir / 'last'}: it was trained from scratch, not fine-tuned from {now}; "
+                f"continue it with `tinyllm train --run-dir {self.run_dir} --resume` (and its options), or pass "
+                "another --run-dir for this fine-tune"
+            )
         problems = []
         if self.cfg.init_from is None and config != self._model_config():
             ours = self._model_config().to_dict()
