@@ -235,15 +235,34 @@ def test_resuming_a_finished_run_keeps_its_validation_loss(tmp_path, corpus):
     assert all(math.isfinite(r.get("val_loss", 0.0)) for r in records(first.run_dir))
 
 
-def test_a_fresh_run_removes_the_earlier_runs_checkpoints(tmp_path, corpus, monkeypatch):
+def test_a_fresh_run_replaces_the_earlier_runs_checkpoints_once_it_saves(tmp_path, corpus, monkeypatch):
     """The earlier run's best/ survived, and was what evaluate/generate/serve loaded, until the new run's first
-    improving evaluation (for good when it stopped before one)."""
+    improving evaluation (for good when it stopped before one); deleting it at the start instead lost a trained
+    model whenever the rerun died before its first save. It waits in previous/ until then."""
     train(tiny(tmp_path, corpus, max_steps=4), progress=False)
-    assert (tmp_path / "run" / "best").exists()
+    run = tmp_path / "run"
+    assert (run / "best").exists()
+    trained = weights(run / "last")
+
+    def crash(self, **kwargs):  # noqa: ANN001, ANN003, ANN202 (the rerun dies at its first evaluation)
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod._Run, "evaluate", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(tiny(tmp_path, corpus, max_steps=4, seed=5), progress=False)
+    assert not (run / "best").exists() and not (run / "last").exists()  # nothing stale is served as this run
+    assert set(os.listdir(run / "previous")) == {"best", "last", "metrics.jsonl"}
+    kept = weights(run / "previous" / "last")
+    assert kept.keys() == trained.keys() and all(torch.equal(kept[k], trained[k]) for k in trained)
+    with pytest.raises(TrainError, match=r"the run before is in .*previous .*move its best/, last/ and metrics"):
+        train(tiny(tmp_path, corpus, resume=True), progress=False)
+
     _signal_at(monkeypatch, 1, __import__("signal").SIGINT)
     again = train(tiny(tmp_path, corpus, max_steps=4), progress=False)
-    assert again.stopped_by == "interrupted" and not (tmp_path / "run" / "best").exists()
-    assert load_checkpoint(tmp_path / "run" / "last").meta["step"] == 1
+    assert again.stopped_by == "interrupted" and not (run / "best").exists()
+    assert load_checkpoint(run / "last").meta["step"] == 1
+    assert not (run / "previous").exists()  # this run saved: the one before is gone now
 
 
 def test_a_diverging_run_stops_with_a_clear_error(tmp_path, corpus):

@@ -65,6 +65,7 @@ from tinyllm.tokenizer import Tokenizer, get_tokenizer
 logger = logging.getLogger(__name__)
 
 METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss.png"
+PREVIOUS_DIR = "previous"  # where a rerun of the same recipe keeps the run before until its first save
 
 
 class TrainError(TinyLLMError):
@@ -327,6 +328,7 @@ class _Run:
         self.stop_signal: int | None = None  # SIGINT/SIGTERM received: stop at the next step boundary
         self.diverged = False  # a training loss was not finite
         self.train_loss: float | None = None
+        self.previous_run: Path | None = None  # the run before, moved aside until this one saves
         self.records: list[dict[str, Any]] = []
         self.step_time = 0.0  # EMA of one optimizer step, for stopping before the time budget
         self.reserve = 0.0  # what the final evaluation + checkpoint last cost
@@ -391,6 +393,12 @@ class _Run:
             return None
         last = self.run_dir / "last"
         if not is_checkpoint(last):
+            if is_checkpoint(self.run_dir / PREVIOUS_DIR / "last"):  # a rerun moved it aside, then stopped unsaved
+                raise TrainError(
+                    f"cannot resume: no checkpoint at {last}; the run before is in {self.run_dir / PREVIOUS_DIR} "
+                    f"(a new run moved it there and stopped before saving): move its best/, last/ and "
+                    f"{METRICS_FILE} back into {self.run_dir} to continue it"
+                )
             raise TrainError(f"cannot resume: no checkpoint at {last}; train without --resume first")
         return last
 
@@ -595,11 +603,23 @@ class _Run:
                     if record.get("step", 0) <= self.step and record.get("event") != "end":
                         self.records.append(record)
         elif any((self.run_dir / name).exists() for name in ("last", "best")):
-            # gone now, not when this run first saves: a `best` left from the earlier run would be what
-            # evaluate, generate and serve load until then (or for good, if this run stops before its first save)
-            logger.warning("%s holds an earlier run; its checkpoints and metrics are replaced", self.run_dir)
-            for name in ("best", "last"):
-                shutil.rmtree(self.run_dir / name, ignore_errors=True)
+            # Out of the way now: a `best` left from the earlier run would be what evaluate, generate and serve
+            # load until this run saves (or for good, if it stops before). Not deleted until then: a rerun killed
+            # before its first save (or a shorter budget's crash) must not take a trained model with it.
+            previous = self.run_dir / PREVIOUS_DIR
+            shutil.rmtree(previous, ignore_errors=True)  # an older one whose replacement saved but was not removed
+            previous.mkdir()
+            for name in ("best", "last", METRICS_FILE):
+                if (self.run_dir / name).exists():
+                    os.replace(self.run_dir / name, previous / name)
+            self.previous_run = previous
+            logger.warning(
+                "%s holds an earlier run; moved its checkpoints and metrics to %s, deleted once this run saves "
+                "(pass --resume to continue that run instead)", self.run_dir, previous,
+            )  # fmt: skip
+        elif (self.run_dir / PREVIOUS_DIR).is_dir():  # set aside by a run that stopped before it saved
+            self.previous_run = self.run_dir / PREVIOUS_DIR
+            logger.warning("%s holds the run before; deleted once this run saves", self.previous_run)
         tmp = self.metrics_path.with_name(f".{METRICS_FILE}.tmp")
         tmp.write_text("".join(_json_line(r) for r in self.records))
         os.replace(tmp, self.metrics_path)
@@ -738,6 +758,9 @@ class _Run:
         )
         if best:
             save_checkpoint(self.run_dir / "best", model=self.raw, meta=meta, tokenizer=self.tok)
+        if self.previous_run is not None:  # replaced now
+            shutil.rmtree(self.previous_run, ignore_errors=True)
+            self.previous_run = None
 
     def _eval_and_save(self) -> None:
         started = time.perf_counter()
