@@ -899,3 +899,26 @@ def test_the_cli_exits_with_the_stopping_signals_usual_status(tmp_path, corpus, 
     argv += ["--block-size", "32", "--run-dir", str(tmp_path / "run"), "--no-progress", "--processes", "1"]
     assert main(argv) == status
     assert load_checkpoint(tmp_path / "run" / "last").meta["step"] == 2
+
+
+def test_a_second_run_in_the_same_directory_is_refused_while_the_first_runs(tmp_path, corpus, monkeypatch):
+    """Two runs in one run directory interleaved their metrics (steps twice, two end events) and checkpoints."""
+    import fcntl
+
+    run = tmp_path / "runs" / "busy"
+    run.mkdir(parents=True)
+    with open(run / ".lock", "w") as held:  # as a run in another process holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(TrainError, match=r"runs/busy is in use by another training run \(pid 4242\); wait for"):
+            train(tiny(tmp_path, corpus, run_dir=str(run)), progress=False)
+        assert os.listdir(run) == [".lock"]  # nothing of the refused run written
+    result = train(tiny(tmp_path, corpus, run_dir=str(run), max_steps=1, eval_interval=1), progress=False)
+    assert result.steps == 1 and (run / "last").is_dir()  # the lock went with its holder (any process end)
+    assert not (run / ".lock").exists()  # and a run removes its own at the end
+    # a run that fails before writing anything leaves no directories behind, its lock included
+    monkeypatch.setattr(train_mod, "prepare", lambda *a, **k: (_ for _ in ()).throw(TrainError("no data")))
+    with pytest.raises(TrainError, match="no data"):
+        train(tiny(tmp_path, corpus, run_dir=str(tmp_path / "new" / "deeper" / "run")), progress=False)
+    assert not (tmp_path / "new").exists()

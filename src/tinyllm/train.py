@@ -25,7 +25,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1213,9 +1213,60 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     _check_run_dir(Path(config.run_dir))
     _check_init_outside(config)
     world = resolve_processes(config)
-    if world > 1:
-        return _spawn(config, world, progress=progress)
-    return _train_here(config, progress=progress)
+    with _run_dir_lock(Path(config.run_dir)):
+        if world > 1:
+            return _spawn(config, world, progress=progress)
+        return _train_here(config, progress=progress)
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold RUN/.lock (an flock: the OS lets go when the process ends, however it ends) for the whole run, so a
+    second run in the same directory fails at once instead of interleaving its metrics and checkpoints with the
+    first's. Taken by the launching process (rank 0 under torchrun) and removed at the end; a directory made here
+    and left empty by a run that failed before writing anything is removed too."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no flock; runs are not guarded there
+        yield
+        return
+    if os.environ.get("RANK", "0") != "0":  # torchrun's other ranks: rank 0 holds it for the job
+        yield
+        return
+    run_dir = run_dir.expanduser()
+    made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # innermost first
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise TrainError(
+                f"{run_dir} is in use by another training run{f' (pid {holder})' if holder.isdigit() else ''}; "
+                "wait for it to finish, or pass another --run-dir"
+            ) from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)  # the run before removed the file we locked as it ended: lock the one there now
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still held: a run waiting on this file sees it gone and takes a new one
+        os.close(fd)
+        if made and not any(run_dir.iterdir()):  # nothing written: leave no empty run behind
+            with contextlib.suppress(OSError):
+                for directory in made:
+                    directory.rmdir()
 
 
 def _train_here(
