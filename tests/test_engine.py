@@ -30,6 +30,7 @@ from tinyllm.quantize import (
     OneDNNLinear,
     huge_page_copy,
     huge_page_zeros,
+    huge_page_zeros_like_all,
     onednn_available,
     onednn_rows,
     pack_for_batches,
@@ -223,6 +224,16 @@ def test_huge_page_copies_keep_values_and_ties() -> None:
     assert huge_page_copy(small) is small
     zeros = huge_page_zeros(torch.empty(2, 1 << 20))
     assert zeros.shape == (2, 1 << 20) and not zeros.any()
+    assert zeros.data_ptr() % (2 << 20) == 0  # starts on a huge page (THP backs only whole aligned ones)
+    # a KV cache's many small tensors: views of one arena (cache-line aligned, disjoint), zeros, own shapes
+    likes = [torch.empty(1, 12, 144, 64) for _ in range(23)] + [torch.empty(3, 5)]
+    views = huge_page_zeros_like_all(likes)
+    assert [v.shape for v in views] == [t.shape for t in likes] and not any(v.any() for v in views)
+    assert len({v.untyped_storage().data_ptr() for v in views}) == 1 and all(v.data_ptr() % 64 == 0 for v in views)
+    views[0].fill_(1.0)
+    views[-1].fill_(2.0)
+    assert all(not v.any() for v in views[1:-1]) and views[-1].eq(2).all()
+    assert [v.shape for v in huge_page_zeros_like_all([torch.empty(3)])] == [(3,)]  # too small: plain zeros
     torch.manual_seed(0)
     original = GPT(ModelConfig(vocab_size=8192, block_size=8, n_layer=1, n_head=1, n_embd=128)).eval()
     model = prepare_for_inference(copy.deepcopy(original))

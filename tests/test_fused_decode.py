@@ -22,6 +22,8 @@ from tinyllm.sampling import SamplingParams
 CFG = ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
 # no biases; 48 channels and head size 16 are not multiples of the 32-float inner loop (its tails run)
 ODD = ModelConfig(vocab_size=101, block_size=40, n_layer=3, n_head=3, n_embd=48, bias=False)
+# head size 64, as every GPT-2 size and the default preset have: attention's own path for it
+HEAD64 = ModelConfig(vocab_size=89, block_size=48, n_layer=2, n_head=2, n_embd=128)
 GREEDY = dict(temperature=0.0, max_new_tokens=24, ignore_eos=True)
 
 pytestmark = pytest.mark.skipif(fused_decode.unavailable(torch.device("cpu")) is not None, reason="no C compiler here")
@@ -92,7 +94,7 @@ def _decoder(model: GPT) -> fused_decode.FusedDecoder:
     return decoder
 
 
-@pytest.mark.parametrize("config", [CFG, ODD], ids=["seed-shape", "odd-no-bias"])
+@pytest.mark.parametrize("config", [CFG, ODD, HEAD64], ids=["seed-shape", "odd-no-bias", "head-64"])
 def test_c_greedy_equals_eager_and_the_oracle(config: ModelConfig, c_steps: list[int]) -> None:
     model = _model(0, config)
     prompt = [5, 17, 3, 42, 8]
@@ -107,7 +109,7 @@ def test_c_greedy_equals_eager_and_the_oracle(config: ModelConfig, c_steps: list
     assert len(fast) == 24
 
 
-@pytest.mark.parametrize("config", [CFG, ODD], ids=["seed-shape", "odd-no-bias"])
+@pytest.mark.parametrize("config", [CFG, ODD, HEAD64], ids=["seed-shape", "odd-no-bias", "head-64"])
 def test_c_logits_and_cache_writes_match_eager(config: ModelConfig) -> None:
     """Steps at growing lengths on caches prefilled alike: the same numbers up to summation order, the argmax
     computed in C equal to torch's over the returned logits, the same keys and values written in place."""

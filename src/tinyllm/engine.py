@@ -37,7 +37,7 @@ from torch import nn
 from tinyllm import compiled_decode, fused_decode
 from tinyllm.errors import TinyLLMError
 from tinyllm.kv_cache import KVCache
-from tinyllm.quantize import huge_page_zeros, pack_for_batches, prepare_for_inference
+from tinyllm.quantize import huge_page_zeros_like_all, pack_for_batches, prepare_for_inference
 from tinyllm.sampling import SamplingError, SamplingParams, make_generator, sample, token_logprobs
 
 if TYPE_CHECKING:
@@ -402,8 +402,9 @@ class Engine:
             device=self.device,
             dtype=weight.dtype,
         )
-        self.cache.k = [huge_page_zeros(t) for t in self.cache.k]  # 2 MB pages: faster reads
-        self.cache.v = [huge_page_zeros(t) for t in self.cache.v]
+        # 2 MB pages, one mapping for all layers: faster reads (attention's at batch 1 are latency-bound)
+        arena = huge_page_zeros_like_all([t for pair in zip(self.cache.k, self.cache.v, strict=True) for t in pair])
+        self.cache.k, self.cache.v = arena[0::2], arena[1::2]
         if max_batch_size > 1:
             pack_for_batches(model, max_batch_size)  # oneDNN linears: a blocked weight copy for batched GEMMs
         self._slots: list[_Sequence | None] = [None] * max_batch_size

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 DType = Literal["float32", "bfloat16"]
 Quantize = Literal["int8", "int8-dynamic"]
+HUGE_PAGE = 2 << 20
 HUGE_PAGE_MIN_BYTES = 4 << 20
 # Above this many rows (tokens x sequences) the fused int8 kernel loses to dequantize + float matmul.
 FUSED_INT8_MAX_ROWS = 16
@@ -188,14 +189,17 @@ def _huge_page_tensor(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
-    try:
-        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory gets no THP
+    try:  # one huge page more, so the tensor can start on a 2 MB boundary (THP backs only whole aligned pages)
+        buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared: no THP
         buf.madvise(mmap.MADV_HUGEPAGE)
     except (OSError, ValueError, AttributeError):  # pragma: no cover - platforms without THP
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)  # the tensor keeps `buf` alive
+        start = torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr()
+        offset = -start % HUGE_PAGE  # the mapping starts on a 4 KB page; the element size divides both
+        # the tensor keeps `buf` alive; the unused bytes before and after it are never touched, so never mapped
+        return torch.frombuffer(buf, dtype=dtype, count=numel, offset=offset).view(shape)
 
 
 def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
@@ -212,6 +216,23 @@ def huge_page_zeros(like: torch.Tensor) -> torch.Tensor:
     """Zeros shaped like a CPU tensor, on 2 MB pages where possible (pages are touched only when written)."""
     out = _huge_page_tensor(like.shape, like.dtype) if like.device.type == "cpu" else None
     return torch.zeros_like(like) if out is None else out
+
+
+def huge_page_zeros_like_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zeros shaped like each of `tensors` (CPU, one dtype), as views of one arena on 2 MB pages where possible,
+    else `huge_page_zeros` of each. A KV cache is many tensors each smaller than a huge page (GPT-2's layers'
+    keys for 144 positions: 0.4 MB), so only one mapping for them all gets huge pages."""
+    if not tensors or len({t.dtype for t in tensors}) > 1 or any(t.device.type != "cpu" for t in tensors):
+        return [huge_page_zeros(t) for t in tensors]
+    align = 64 // tensors[0].element_size() or 1  # each view starts on a cache line
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() // align) * align
+    arena = _huge_page_tensor((total,), tensors[0].dtype)
+    if arena is None:
+        return [huge_page_zeros(t) for t in tensors]
+    return [arena[o : o + t.numel()].view(t.shape) for t, o in zip(tensors, offsets, strict=True)]
 
 
 def _move_to_huge_pages(model: nn.Module) -> int:
