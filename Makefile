@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TRAIN_MINUTES ?= 10
 RUN_DIR ?= runs/default
-HOST ?= 127.0.0.1
-PORT ?= 5000
+# where `make run` serves: HOST / PORT, else $TINYLLM_HOST / $TINYLLM_PORT, else 127.0.0.1:5000
+HOST ?=
+PORT ?=
 
 .PHONY: run test setup assets lint format bench clean
 
@@ -26,7 +27,7 @@ assets: $(STAMP)
 	$(VENV)/bin/tinyllm fetch-assets
 
 run: assets
-	$(VENV)/bin/tinyllm run --run-dir $(RUN_DIR) --minutes $(TRAIN_MINUTES) --host $(HOST) --port $(PORT)
+	$(VENV)/bin/tinyllm run --run-dir $(RUN_DIR) --minutes $(TRAIN_MINUTES) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 test: assets browser
 	$(VENV)/bin/ruff check .

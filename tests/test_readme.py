@@ -38,3 +38,26 @@ def test_readme_dimension_table_matches_the_seed_model():
     assert table["Embedding"] == (shape(idx), shape(emb)) == ("(1, N)", "(1, N, 128)")
     assert table["Transformer blocks"] == (shape(emb), shape(x))
     assert table["Output head"] == (shape(x), shape(logits)) == ("(1, N, 128)", "(1, N, 50257)")
+
+
+def test_make_run_takes_the_servers_environment(tmp_path):
+    """`make run` passed --host 127.0.0.1 --port 5000 always, so TINYLLM_HOST / TINYLLM_PORT (documented as the
+    server's settings) did nothing there; its own HOST= / PORT= still win."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    root = README.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT", "MAKEFLAGS")}
+
+    def dry_run(*args: str, **extra: str) -> str:
+        cmd = ["make", "-n", "-o", "assets", "run", *args]  # -o: the assets step counts as done (prints nothing)
+        lines = subprocess.run(cmd, cwd=root, env={**env, **extra}, capture_output=True, text=True, check=True)
+        return lines.stdout.strip().splitlines()[-1]
+
+    assert "--host" not in dry_run(TINYLLM_HOST="0.0.0.0") and "--port" not in dry_run(TINYLLM_PORT="8080")
+    assert dry_run("HOST=0.0.0.0", "PORT=6000").endswith("--host 0.0.0.0 --port 6000")

@@ -469,6 +469,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     settings = ServerSettings.from_env(host=args.host, port=args.port, checkpoint=str(run_dir))  # checked first
+    if (wanted := os.environ.get("TINYLLM_CHECKPOINT", "").strip()) and Path(wanted) != run_dir:
+        logger.warning("TINYLLM_CHECKPOINT=%s is for `tinyllm serve`; `tinyllm run` serves --run-dir %s",
+                       wanted, run_dir)  # fmt: skip
     checkpoint = find_checkpoint(run_dir)
     if checkpoint is None:
         from tinyllm.train import train_default

@@ -5,10 +5,11 @@ temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, truncate_promp
 sampling fields take the server defaults (64 tokens, temperature 0.8, top_k 50, top_p 0.95, repetition
 penalty 1.2: see `SamplingDefaults`).
 
-With `"stream": true` the answer is server-sent events: `data: {"text": "<delta>"}` per piece of text, then
-`data: {"text": "", "finish_reason": "stop"|"length", "generated_text": "...", "usage": {...}}`, then
-`data: [DONE]`. An error after the stream has started arrives as `data: {"detail": ..., "type": ...}`
-before `[DONE]`. Errors before it are ordinary JSON responses (see errors.py).
+With `"stream": true` the answer is server-sent events: `data: {"text": "<delta>"}` per piece of text; the last
+event also carries `"finish_reason": "stop"|"length"`, `"generated_text"` and `"usage"` (its `text` is the last
+piece, often not empty: a client appends every event's `text`), then `data: [DONE]`. An error after the stream
+has started arrives as `data: {"detail": ..., "type": ...}` before `[DONE]`. Errors before it are ordinary JSON
+responses (see errors.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Requests follow OpenAI's field names and defaults (temperature 1, top_p 1, 16 tokens for completions);
 unknown fields are ignored as OpenAI-style servers do, except those that would change the answer and are not
 implemented here (`logit_bias`, `suffix`, `best_of`, tools and functions, a JSON `response_format`): a request
-that uses one gets a 422 naming it rather than an answer that silently ignored it. Extensions in vLLM's style:
+that uses one gets a 400 naming it rather than an answer that silently ignored it. Extensions in vLLM's style:
 `top_k`, `min_p`, `repetition_penalty`, `truncate_prompt`.
 """
 
