@@ -472,13 +472,26 @@ def test_a_process_dying_after_rank0_finished_does_not_fail_the_run(tmp_path, co
             args[-1].put(("result", 0, sentinel))
         return Context()
 
+    train(tiny(tmp_path, corpus, max_steps=1, eval_interval=1), progress=False)  # a checkpoint the run left
     monkeypatch.setattr(mp, "start_processes", start_processes)
     config = tiny(tmp_path, corpus, processes=2)
     if rank0_finished:
         assert train(config, progress=False) == sentinel
-    else:
-        with pytest.raises(TrainError, match="process 1 terminated with signal SIGABRT"):
+    else:  # what died, and that the checkpoint there survived
+        hint = r"run/last holds step 1: the same command with --resume continues"
+        with pytest.raises(TrainError, match=f"process 1 terminated with signal SIGABRT; .*{hint}"):
             train(config, progress=False)
+
+
+def test_a_collective_failing_because_a_peer_died_reads_as_such():
+    """Under torchrun, a killed rank showed the others a gloo traceback; they now stop with one line."""
+    import torch.distributed as dist
+
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:50370: Connection reset by peer")
+    assert train_mod._peer_gone(gone) and train_mod._peer_gone(dist.DistBackendError("NCCL communicator aborted"))
+    assert not train_mod._peer_gone(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    closed = "[/x/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:21201. This is typically..."
+    assert train_mod._peer_reason(RuntimeError(closed)) == "Connection closed by peer [127.0.0.1]:21201"
 
 
 def test_a_finetune_resumes_whatever_the_spelling_of_its_starting_point(tmp_path, corpus, monkeypatch):

@@ -1082,6 +1082,36 @@ def _end_processes(processes: Sequence[Any], *, grace_s: float) -> None:
                 process.join(5.0)
 
 
+def _peer_gone(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because another process of the job is gone (gloo's "Connection
+    reset by peer", NCCL's errors, torch's DistError family)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return any(k in text for k in ("gloo", "nccl", "connection reset", "connection closed", "broken pipe"))
+
+
+def _peer_reason(exc: BaseException) -> str:
+    """The gist of a failed collective's message: gloo's "[.../pair.cc:553] Connection closed by peer [ip]:port.
+    This is typically caused by..." -> "Connection closed by peer [ip]:port"."""
+    first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    if first.startswith("[") and "] " in first:
+        first = first.split("] ", 1)[1]
+    return first.split(". ")[0][:200]
+
+
+def _resume_hint(config: TrainConfig) -> str:
+    """ "; RUN/last holds step N: --resume continues" where a checkpoint survived, else ""."""
+    last = Path(config.run_dir).expanduser() / "last"
+    try:
+        step = read_meta(last).get("step") if is_checkpoint(last) else None
+    except TinyLLMError:
+        return ""
+    return f"; {last} holds step {step}: the same command with --resume continues" if step is not None else ""
+
+
 def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
     """Run `train` as `world` DDP processes on this machine (what torchrun --standalone does) and return rank 0's
     result; a process's TinyLLMError comes back as a TrainError with its message, and stops the others."""
@@ -1121,7 +1151,7 @@ def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
     if done is None and received:  # stopped (Ctrl-C, SIGTERM) before the processes could save anything
         raise KeyboardInterrupt
     if done is None:
-        raise TrainError(failure or "the training processes ended without a result")
+        raise TrainError(f"{failure or 'the training processes ended without a result'}{_resume_hint(config)}")
     if failure is not None:  # rank 0 finished the run (checkpoint written), then a peer died tearing gloo down
         logger.warning("a training process ended abnormally after the run had finished (%s)", failure)
     if received and done.stopped_by == "interrupted":  # (received first: tests pass stand-in results)
@@ -1278,11 +1308,18 @@ def _train_here(
     finished = False
     try:
         run = _Run(config, job, progress=progress)
-        if run.progress:
-            with logging_redirect_tqdm():
+        try:
+            if run.progress:
+                with logging_redirect_tqdm():
+                    result = run.run()
+            else:
                 result = run.run()
-        else:
-            result = run.run()
+        except RuntimeError as exc:
+            if job.world > 1 and _peer_gone(exc):  # a process of the job died: its collectives fail in the others
+                raise TrainError(
+                    f"another training process of this job stopped ({_peer_reason(exc)}){_resume_hint(config)}"
+                ) from None
+            raise
         if publish is not None:
             publish(result)
         finished = True
