@@ -82,6 +82,26 @@ def test_export_replaces_an_earlier_export_atomically(exported: tuple[GPT, Path]
     assert sorted(p.name for p in out.parent.iterdir()) == ["hf", "run"]  # no temp or old dirs left
 
 
+def test_export_that_cannot_write_is_one_line_and_changes_nothing(
+    exported: tuple[GPT, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A full disk or read-only target printed the raw OSError, naming the staging directory."""
+    from tinyllm import export
+
+    _, out = exported
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "save_file", full)
+    assert main(["export", str(out.parent / "run"), str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tinyllm export: error: cannot write {out} (No space left on device); nothing there changed"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["hf", "run"]  # no staging directory left
+
+
 def test_export_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         export_hf(tmp_path / "missing", tmp_path / "out")

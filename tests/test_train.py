@@ -935,3 +935,5 @@ def test_a_second_run_in_the_same_directory_is_refused_while_the_first_runs(tmp_
     with pytest.raises(TrainError, match="no data"):
         train(tiny(tmp_path, corpus, run_dir=str(tmp_path / "new" / "deeper" / "run")), progress=False)
     assert not (tmp_path / "new").exists()
+    with pytest.raises(TrainError, match=r"run directory /proc/run cannot be written \(No such file or directory\)"):
+        train(tiny(tmp_path, corpus, run_dir="/proc/run"), progress=False)  # (_check_run_dir sees /proc writable)

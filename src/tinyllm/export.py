@@ -118,7 +118,8 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
 
     Raises:
         CheckpointError: the checkpoint does not load.
-        ExportError: its tokenizer is not GPT-2's, or its vocabulary is smaller than the tokenizer's.
+        ExportError: its tokenizer is not GPT-2's, its vocabulary is smaller than the tokenizer's, or `out_dir`
+            cannot be written.
     """
     ckpt = load_checkpoint(checkpoint_dir)
     out = Path(out_dir)
@@ -132,11 +133,15 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     state = to_hf_state_dict(ckpt.model)
     del state["lm_head.weight"]  # tied to wte; transformers ties it again (safetensors refuses shared tensors)
     dtype = ckpt.model.transformer.wte.weight.dtype
-    with atomic_directory(out, may_replace=_replaceable) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-        eot = tokenizer.eot_token  # not the vocabulary's last row: a padded vocabulary (e.g. 4160 rows) ends past it
-        _write_json(tmp / "config.json", hf_config_dict(ckpt.config, dtype=dtype, eot=eot))
-        _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot})
-        write_gpt2_tokenizer(tmp, model_max_length=ckpt.config.block_size, tokenizer=tokenizer)
+    try:
+        with atomic_directory(out, may_replace=_replaceable) as tmp:
+            weights = {k: v.contiguous() for k, v in state.items()}
+            save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+            eot = tokenizer.eot_token  # not the vocabulary's last row: a padded vocabulary (4160 rows) ends past it
+            _write_json(tmp / "config.json", hf_config_dict(ckpt.config, dtype=dtype, eot=eot))
+            _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot})
+            write_gpt2_tokenizer(tmp, model_max_length=ckpt.config.block_size, tokenizer=tokenizer)
+    except OSError as exc:  # read-only or full disk, no permission: one line, not the staging directory's name
+        raise ExportError(f"cannot write {out} ({exc.strerror or exc}); nothing there changed") from None
     logger.info("exported %s to %s", ckpt.path, out)
     return out

@@ -1268,8 +1268,13 @@ def _run_dir_lock(run_dir: Path) -> Iterator[None]:
         return
     run_dir = run_dir.expanduser()
     made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # innermost first
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError as exc:  # (e.g. under /proc, or a full disk): one line, as _check_run_dir's
+        why = exc.strerror or str(exc)
+        raise TrainError(f"run directory {run_dir} cannot be written ({why}); pass --run-dir DIR") from None
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
