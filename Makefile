@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TRAIN_MINUTES ?= 10
 RUN_DIR ?= runs/default
-# where `make run` serves: HOST / PORT, else $TINYLLM_HOST / $TINYLLM_PORT, else 127.0.0.1:5000
-HOST ?=
-PORT ?=
+# where `make run` serves: `make run HOST=... PORT=...`, else $TINYLLM_HOST / $TINYLLM_PORT, else 127.0.0.1:5000
+# (HOST / PORT only from make's command line: some shells export HOST as the machine's name)
+SERVE_HOST := $(if $(filter command line,$(origin HOST)),$(strip $(HOST)))
+SERVE_PORT := $(if $(filter command line,$(origin PORT)),$(strip $(PORT)))
 
 .PHONY: run test setup assets lint format bench clean
 
@@ -27,7 +28,7 @@ assets: $(STAMP)
 	$(VENV)/bin/tinyllm fetch-assets
 
 run: assets
-	$(VENV)/bin/tinyllm run --run-dir $(RUN_DIR) --minutes $(TRAIN_MINUTES) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+	$(VENV)/bin/tinyllm run --run-dir $(RUN_DIR) --minutes $(TRAIN_MINUTES) $(if $(SERVE_HOST),--host $(SERVE_HOST)) $(if $(SERVE_PORT),--port $(SERVE_PORT))
 
 test: assets browser
 	$(VENV)/bin/ruff check .

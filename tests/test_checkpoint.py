@@ -271,6 +271,21 @@ def test_a_broken_model_directory_is_diagnosed_alike_for_loading_and_for_its_tok
             look(str(ckpt))
 
 
+def test_a_run_set_aside_by_a_rerun_is_named_and_restored(model: GPT, tmp_path: Path) -> None:
+    """A rerun that died before saving left its run dir's model in previous/: `generate` said "no model at"."""
+    from tinyllm.checkpoint import find_checkpoint, resolve_model, restore_set_aside
+
+    run = tmp_path / "run"
+    save_checkpoint(run / "previous" / "best", model=model, meta={"step": 7})
+    save_checkpoint(run / "previous" / "last", model=model, meta={"step": 9})
+    (run / "previous" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(CheckpointError, match=r"its run is in .*previous, set aside by a rerun .*move its best/"):
+        resolve_model(str(run))
+    assert restore_set_aside(run)
+    assert find_checkpoint(run) == run / "best" and (run / "metrics.jsonl").exists()
+    assert not (run / "previous").exists() and not restore_set_aside(run)
+
+
 def test_truncated_safetensors(ckpt: Path) -> None:
     data = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])

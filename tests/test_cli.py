@@ -236,9 +236,9 @@ def test_hub_warnings_print_once(capfd, caplog):
 
     import huggingface_hub.utils.logging  # noqa: F401 (imported, as loading GPT-2 does: its handler is there)
 
-    from tinyllm import cli
+    from tinyllm import logs
 
-    cli._one_line_per_record()
+    logs.one_line_per_record()
     logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
     assert [r.getMessage() for r in caplog.records] == ["Retrying in 1s [Retry 1/5]."]  # to our handlers
     assert "Retrying" not in capfd.readouterr().err  # and not through one of its own

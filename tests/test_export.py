@@ -97,7 +97,7 @@ def test_export_that_cannot_write_is_one_line_and_changes_nothing(
     monkeypatch.setattr(export, "save_file", full)
     assert main(["export", str(out.parent / "run"), str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"tinyllm export: error: cannot write {out} (No space left on device); nothing there changed"]
+    assert err == [f"tinyllm export: error: cannot write {out} (No space left on device)"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["hf", "run"]  # no staging directory left
 

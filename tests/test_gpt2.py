@@ -171,29 +171,33 @@ def test_offline_hub_id_raises_clear_error(tmp_path: Path, monkeypatch: pytest.M
     assert "huggingface-cli download openai-community/gpt2" in message and "local directory" in message
 
 
-def test_hub_id_in_the_cache_loads_without_a_request(hf_model, tokens, tmp_path: Path, monkeypatch) -> None:
-    """Offline first: weights the hub cache holds load with no request (a machine without a network would
-    otherwise wait out the hub's retries), and files the cache records as missing are not asked for."""
+def test_openai_gpt2_in_the_cache_loads_without_a_request(hf_model, tokens, tmp_path: Path, monkeypatch) -> None:
+    """OpenAI's GPT-2 repositories offline first: weights the hub cache holds load with no request (a machine
+    without a network waited out the hub's retries); other repositories, which may change, still ask the hub."""
     import huggingface_hub
     from huggingface_hub import constants
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    repo = tmp_path / "hub-cache" / "models--someone--tiny-gpt2"
     commit = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    hf_model.save_pretrained(repo / "snapshots" / commit)
-    (repo / ".no_exist" / commit).mkdir(parents=True)
-    for missing in ("vocab.json", "tokenizer.json"):
-        (repo / ".no_exist" / commit / missing).touch()
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail(f"a request for {a}"))
-    model = load_gpt2("someone/tiny-gpt2")
-    torch.testing.assert_close(_ours(model, tokens), _hf_logits(hf_model, tokens), atol=1e-5, rtol=1e-5)
-    from tinyllm.gpt2 import vocab_dir
+    for repo_id in ("openai-community/gpt2", "someone/tiny-gpt2"):
+        repo = tmp_path / "hub-cache" / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        hf_model.save_pretrained(repo / "snapshots" / commit)
+    requests = []
 
-    assert vocab_dir("someone/tiny-gpt2") is None  # the repository has no vocabulary of its own: GPT-2's
+    def download(repo_id, filename, **kwargs):  # noqa: ANN001, ANN003, ANN202 (the hub: a cached copy is current)
+        requests.append((repo_id, filename))
+        return str(tmp_path / "hub-cache" / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    model = load_gpt2("openai-community/gpt2")
+    torch.testing.assert_close(_ours(model, tokens), _hf_logits(hf_model, tokens), atol=1e-5, rtol=1e-5)
+    assert requests == []
+    load_gpt2("someone/tiny-gpt2")
+    assert ("someone/tiny-gpt2", "config.json") in requests and ("someone/tiny-gpt2", "model.safetensors") in requests
 
 
 def test_missing_local_directory_raises_clear_error(tmp_path: Path) -> None:

@@ -52,12 +52,14 @@ def test_make_run_takes_the_servers_environment(tmp_path):
     if shutil.which("make") is None:
         pytest.skip("no make")
     root = README.parent
-    env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT", "MAKEFLAGS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("HOST", "PORT", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
 
     def dry_run(*args: str, **extra: str) -> str:
-        cmd = ["make", "-n", "-o", "assets", "run", *args]  # -o: the assets step counts as done (prints nothing)
-        lines = subprocess.run(cmd, cwd=root, env={**env, **extra}, capture_output=True, text=True, check=True)
-        return lines.stdout.strip().splitlines()[-1]
+        cmd = ["make", "-n", "--no-print-directory", "-o", "assets", "run", *args]  # -o: assets count as done
+        out = subprocess.run(cmd, cwd=root, env={**env, **extra}, capture_output=True, text=True, check=True).stdout
+        (line,) = [line for line in out.splitlines() if "tinyllm run " in line]
+        return line.strip()
 
     assert "--host" not in dry_run(TINYLLM_HOST="0.0.0.0") and "--port" not in dry_run(TINYLLM_PORT="8080")
+    assert "--host" not in dry_run(HOST="my-laptop")  # tcsh exports HOST as the machine's name
     assert dry_run("HOST=0.0.0.0", "PORT=6000").endswith("--host 0.0.0.0 --port 6000")

@@ -258,11 +258,25 @@ def test_a_fresh_run_replaces_the_earlier_runs_checkpoints_once_it_saves(tmp_pat
     with pytest.raises(TrainError, match=r"the run before is in .*previous .*move its best/, last/ and metrics"):
         train(tiny(tmp_path, corpus, resume=True), progress=False)
 
-    _signal_at(monkeypatch, 1, __import__("signal").SIGINT)
-    again = train(tiny(tmp_path, corpus, max_steps=4), progress=False)
+    # another recipe is still refused: the run set aside is the one it would replace
+    other = tmp_path / "other.txt"
+    other.write_text("other words entirely. " * 400)
+    with pytest.raises(TrainError, match="holds a run of another recipe"):
+        train(tiny(tmp_path, corpus, data=(str(other),)), progress=False)
+    # a resume of a run whose metrics.jsonl is gone moves nothing aside
+    train(tiny(tmp_path, corpus, max_steps=4, run_dir=str(tmp_path / "solo")), progress=False)
+    (tmp_path / "solo" / "metrics.jsonl").unlink()
+    train(tiny(tmp_path, corpus, max_steps=6, run_dir=str(tmp_path / "solo"), resume=True), progress=False)
+    assert (tmp_path / "solo" / "best").is_dir() and not (tmp_path / "solo" / "previous").exists()
+
+    with monkeypatch.context() as m:  # Ctrl-C on a rerun started by mistake: its interrupt save keeps the run before
+        _signal_at(m, 1, __import__("signal").SIGINT)
+        again = train(tiny(tmp_path, corpus, max_steps=4), progress=False)
     assert again.stopped_by == "interrupted" and not (run / "best").exists()
     assert load_checkpoint(run / "last").meta["step"] == 1
-    assert not (run / "previous").exists()  # this run saved: the one before is gone now
+    assert (run / "previous" / "last").is_dir()
+    finished = train(tiny(tmp_path, corpus, max_steps=2, eval_interval=1), progress=False)
+    assert finished.steps == 2 and not (run / "previous").exists()  # saved at an evaluation: the run before is gone
 
 
 def test_a_diverging_run_stops_with_a_clear_error(tmp_path, corpus):
@@ -937,3 +951,43 @@ def test_a_second_run_in_the_same_directory_is_refused_while_the_first_runs(tmp_
     assert not (tmp_path / "new").exists()
     with pytest.raises(TrainError, match=r"run directory /proc/run cannot be written \(No such file or directory\)"):
         train(tiny(tmp_path, corpus, run_dir="/proc/run"), progress=False)  # (_check_run_dir sees /proc writable)
+
+
+def test_the_run_lock_where_flock_is_missing_and_for_a_stray_rank(tmp_path, corpus, monkeypatch, caplog):
+    """A filesystem without flock (NFS without lockd, Lustre without -o flock) read as "in use" and refused every
+    run; a RANK without WORLD_SIZE (not torchrun: one process that writes files) skipped the lock."""
+    import errno
+    import fcntl
+
+    calls = []
+
+    def no_flock(fd, op):  # noqa: ANN001, ANN202
+        calls.append(op)
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    monkeypatch.setenv("RANK", "1")  # and no WORLD_SIZE
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = train(tiny(tmp_path, corpus, max_steps=1, eval_interval=1), progress=False)
+    assert result.steps == 1 and calls  # it tried to lock, and ran unguarded
+    assert "cannot lock" in caplog.text and "Function not implemented" in caplog.text
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_dead_process_is_named_by_the_launcher_not_by_a_survivor(tmp_path, corpus, monkeypatch):
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    class Context:
+        error_files = [None, None]
+
+        def join(self) -> bool:
+            raise ProcessExitedException("process 1 terminated with signal SIGKILL", 1, 4242, -9, "SIGKILL")
+
+    def start_processes(fn, args, nprocs, join, start_method):  # noqa: ANN001, ANN202
+        args[-1].put(("peer", 0, "another training process of this job stopped (Connection closed by peer)"))
+        return Context()
+
+    monkeypatch.setattr(mp, "start_processes", start_processes)
+    with pytest.raises(TrainError, match="^process 1 terminated with signal SIGKILL$"):
+        train(tiny(tmp_path, corpus, processes=2), progress=False)

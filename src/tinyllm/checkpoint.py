@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+PREVIOUS_DIR = "previous"  # a run dir's run before, set aside by a rerun until that saves (train.py)
 META_FILE = "meta.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
@@ -583,6 +584,29 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
+def set_aside_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint in `run_dir/previous/` (best, else last) where `run_dir` holds none itself: a rerun of the
+    same recipe moved the run before there and stopped before its first save. Else None."""
+    run_dir = Path(run_dir)
+    if find_checkpoint(run_dir) is not None:
+        return None
+    return next((c for c in (run_dir / PREVIOUS_DIR / n for n in ("best", "last")) if is_checkpoint(c)), None)
+
+
+def restore_set_aside(run_dir: str | Path) -> bool:
+    """Move the run set aside in `run_dir/previous/` back into `run_dir` (best/, last/, metrics.jsonl) where
+    `run_dir` holds no checkpoint; whether it did."""
+    if set_aside_checkpoint(run_dir) is None:
+        return False
+    run_dir = Path(run_dir)
+    previous = run_dir / PREVIOUS_DIR
+    for item in sorted(previous.iterdir()):
+        if not (run_dir / item.name).exists():
+            os.replace(item, run_dir / item.name)
+    shutil.rmtree(previous, ignore_errors=True)
+    return True
+
+
 def _first_existing(*paths: Path) -> Path | None:
     return next((p for p in paths if p.exists()), None)
 
@@ -615,6 +639,11 @@ def model_tokenizer(spec: str) -> Tokenizer:
 
 def _no_model(spec: str, path: Path) -> NoReturn:
     """Why `spec` names no model: what is wrong with a directory that looks like one, else what a spec may be."""
+    if path.is_dir() and (aside := set_aside_checkpoint(path)) is not None:
+        raise CheckpointError(
+            f"no model in {path}: its run is in {aside.parent}, set aside by a rerun that stopped before saving; "
+            f"move its best/, last/ and metrics.jsonl back into {path} (`tinyllm run` does so itself)"
+        )
     if path.is_dir() and (
         broken := _first_existing(path / "best", path / "last", path / CONFIG_FILE, path / MODEL_FILE)
     ):

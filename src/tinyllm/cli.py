@@ -464,7 +464,7 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from tinyllm.checkpoint import find_checkpoint
+    from tinyllm.checkpoint import find_checkpoint, restore_set_aside
     from tinyllm.server import ServerSettings, serve
 
     run_dir = Path(args.run_dir)
@@ -472,6 +472,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if (wanted := os.environ.get("TINYLLM_CHECKPOINT", "").strip()) and Path(wanted) != run_dir:
         logger.warning("TINYLLM_CHECKPOINT=%s is for `tinyllm serve`; `tinyllm run` serves --run-dir %s",
                        wanted, run_dir)  # fmt: skip
+    if restore_set_aside(run_dir):
+        logger.warning("%s: moved back the run a rerun had set aside in previous/ (it stopped before saving)", run_dir)
     checkpoint = find_checkpoint(run_dir)
     if checkpoint is None:
         from tinyllm.train import train_default
@@ -696,31 +698,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_per_record() -> None:
-    """huggingface_hub gives its logger a handler of its own when imported and lets records propagate to the root
-    too, so under our logging each of its warnings (a retry, say) printed twice, once without a time stamp. Its
-    handler goes; its records go through ours."""
-    try:
-        import huggingface_hub.utils.logging  # noqa: F401 (adds that handler now, so it can go)
-    except ImportError:
-        return
-    hub = logging.getLogger("huggingface_hub")
-    for handler in [h for h in hub.handlers if type(h) is logging.StreamHandler]:
-        hub.removeHandler(handler)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints as \xff, not a traceback
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    _one_line_per_record()
+    from tinyllm import logs
+
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except TinyLLMError as exc:

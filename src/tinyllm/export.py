@@ -142,6 +142,6 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
             _write_json(tmp / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot})
             write_gpt2_tokenizer(tmp, model_max_length=ckpt.config.block_size, tokenizer=tokenizer)
     except OSError as exc:  # read-only or full disk, no permission: one line, not the staging directory's name
-        raise ExportError(f"cannot write {out} ({exc.strerror or exc}); nothing there changed") from None
+        raise ExportError(f"cannot write {out} ({exc.strerror or exc})") from None
     logger.info("exported %s to %s", ckpt.path, out)
     return out

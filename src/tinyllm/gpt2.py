@@ -208,16 +208,18 @@ def _fetch(source: str, filename: str) -> Path | None:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    # Offline first: a file the cache holds (or knows the repository lacks) needs no request, so a machine
-    # without a network does not wait out the hub's retries (~25 s) for weights it already has.
-    try:
+    # OpenAI's GPT-2 repositories offline first: they do not change, so a file the cache holds (or knows the
+    # repository lacks) needs no request, and a machine without a network does not wait out the hub's retries
+    # (~25 s) for weights it has. Other repositories may change: the download below checks the cached copy is
+    # current (and falls back to it when the hub cannot be reached), so files of two revisions never mix.
+    from tinyllm.checkpoint import GPT2_NAMES
+
+    if source.removeprefix("openai-community/") in GPT2_NAMES and source.startswith("openai-community/"):
         cached = try_to_load_from_cache(source, filename)
-    except ValueError:  # not a valid repository id: the download below says so
-        cached = None
-    if isinstance(cached, str):
-        return Path(cached)
-    if cached is not None:  # cached as missing from the repository
-        return None
+        if isinstance(cached, str):
+            return Path(cached)
+        if cached is not None:  # cached as missing from the repository
+            return None
     # Honour HF_HUB_OFFLINE even when it was set after huggingface_hub read its environment at import.
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:

@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tinyllm.checkpoint import (
     GPT2_NAMES,
+    PREVIOUS_DIR,
     capture_rng_state,
     checkpoint_tokenizer,
     is_checkpoint,
@@ -65,11 +67,14 @@ from tinyllm.tokenizer import Tokenizer, get_tokenizer
 logger = logging.getLogger(__name__)
 
 METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss.png"
-PREVIOUS_DIR = "previous"  # where a rerun of the same recipe keeps the run before until its first save
 
 
 class TrainError(TinyLLMError):
     """A training option or run directory is unusable; the message says which and what to do."""
+
+
+class PeerGoneError(TrainError):
+    """A process of a DDP job died, so the others' collectives failed."""
 
 
 @dataclass(frozen=True)
@@ -435,7 +440,9 @@ class _Run:
         """A fresh run where a run of another recipe (other data, model or starting point) left its checkpoints
         would replace a trained model (e.g. `tinyllm train --data notes/` over `make run`'s runs/default): an
         error unless `overwrite`. The same recipe again (`python train.py` twice) replaces it, with a warning."""
-        last = next((self.run_dir / n for n in ("last", "best") if is_checkpoint(self.run_dir / n)), None)
+        places = [self.run_dir / n for n in ("last", "best")]
+        places += [self.run_dir / PREVIOUS_DIR / n for n in ("last", "best")]  # set aside by a rerun that died
+        last = next((path for path in places if is_checkpoint(path)), None)
         if resume_from is not None or self.cfg.overwrite or last is None:
             return
         try:
@@ -602,22 +609,18 @@ class _Run:
                     record = json.loads(line)
                     if record.get("step", 0) <= self.step and record.get("event") != "end":
                         self.records.append(record)
-        elif any((self.run_dir / name).exists() for name in ("last", "best")):
+        elif not resumed and any((self.run_dir / name).exists() for name in ("last", "best")):
             # Out of the way now: a `best` left from the earlier run would be what evaluate, generate and serve
             # load until this run saves (or for good, if it stops before). Not deleted until then: a rerun killed
             # before its first save (or a shorter budget's crash) must not take a trained model with it.
             previous = self.run_dir / PREVIOUS_DIR
-            shutil.rmtree(previous, ignore_errors=True)  # an older one whose replacement saved but was not removed
-            previous.mkdir()
-            for name in ("best", "last", METRICS_FILE):
-                if (self.run_dir / name).exists():
-                    os.replace(self.run_dir / name, previous / name)
+            _set_aside(self.run_dir, previous, ("best", "last", METRICS_FILE))
             self.previous_run = previous
             logger.warning(
                 "%s holds an earlier run; moved its checkpoints and metrics to %s, deleted once this run saves "
                 "(pass --resume to continue that run instead)", self.run_dir, previous,
             )  # fmt: skip
-        elif (self.run_dir / PREVIOUS_DIR).is_dir():  # set aside by a run that stopped before it saved
+        elif not resumed and (self.run_dir / PREVIOUS_DIR).is_dir():  # set aside by a run that stopped unsaved
             self.previous_run = self.run_dir / PREVIOUS_DIR
             logger.warning("%s holds the run before; deleted once this run saves", self.previous_run)
         tmp = self.metrics_path.with_name(f".{METRICS_FILE}.tmp")
@@ -703,7 +706,7 @@ class _Run:
             self._plot()
         return improved
 
-    def save(self, *, best: bool) -> None:
+    def save(self, *, best: bool, replaces_previous: bool = True) -> None:
         """`run_dir/last` with everything needed to resume; `run_dir/best` (weights + meta) when best."""
         # the losses since the last metrics line too: a resumed run logs the same numbers as one never stopped
         window = [self._window[0], self._window[1]] if hasattr(self, "_window") else [0.0, 0]
@@ -758,7 +761,7 @@ class _Run:
         )
         if best:
             save_checkpoint(self.run_dir / "best", model=self.raw, meta=meta, tokenizer=self.tok)
-        if self.previous_run is not None:  # replaced now
+        if self.previous_run is not None and replaces_previous:  # replaced now
             shutil.rmtree(self.previous_run, ignore_errors=True)
             self.previous_run = None
 
@@ -867,9 +870,12 @@ class _Run:
                 bar.close()
         if reason == "interrupted":  # between two steps: the state --resume continues from exactly
             if self.step > self.last_save_step:
-                self.save(best=False)
+                self.save(best=False, replaces_previous=False)  # Ctrl-C on a rerun by mistake: the run before stays
             if self.dist.is_main:
                 logger.warning("stopped at step %d; %s holds it: --resume continues", self.step, self.run_dir / "last")
+                if self.previous_run is not None:
+                    logger.warning("the run before this one is still in %s (deleted once a run here saves at an "
+                                   "evaluation)", self.previous_run)  # fmt: skip
             return self._finish(reason)
         if self.last_eval_step != self.step:
             self._eval_and_save()
@@ -1014,15 +1020,14 @@ def _spawned(
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(threads)
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(
-        level=log_level if rank == 0 else max(log_level, logging.WARNING), format=fmt, datefmt="%H:%M:%S"
-    )
+    from tinyllm import logs
+
+    logs.configure(log_level if rank == 0 else max(log_level, logging.WARNING))
     publish = (lambda result: results.put(("result", rank, result))) if rank == 0 else None
     try:
         _train_here(config, progress=progress and rank == 0, publish=publish)
     except TinyLLMError as exc:
-        results.put(("error", rank, str(exc)))
+        results.put(("peer" if isinstance(exc, PeerGoneError) else "error", rank, str(exc)))
         raise
 
 
@@ -1082,6 +1087,29 @@ def _end_processes(processes: Sequence[Any], *, grace_s: float) -> None:
                 process.join(5.0)
 
 
+def _set_aside(run_dir: Path, previous: Path, names: Sequence[str]) -> None:
+    """Move `names` of `run_dir` into `previous` (replacing an older one) all together or not at all: staged in a
+    sibling, so a move that fails halfway puts back what it moved and leaves the older `previous` alone."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{PREVIOUS_DIR}.tmp-", dir=run_dir))
+    moved: list[str] = []
+    try:
+        for name in names:
+            if (run_dir / name).exists():
+                os.replace(run_dir / name, staging / name)
+                moved.append(name)
+        old = run_dir / f".{PREVIOUS_DIR}.old-{os.getpid()}"
+        if previous.exists():  # an older one whose replacement saved but was not removed
+            os.replace(previous, old)
+        os.replace(staging, previous)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        for name in moved:
+            with contextlib.suppress(OSError):
+                os.replace(staging / name, run_dir / name)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _peer_gone(exc: BaseException) -> bool:
     """Whether `exc` is a collective failing because another process of the job is gone (gloo's "Connection
     reset by peer", NCCL's errors, torch's DistError family)."""
@@ -1139,15 +1167,19 @@ def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
         for path in context.error_files:
             if path:
                 Path(path).unlink(missing_ok=True)
-    errors, done = [], None
+    errors, peers, done = [], [], None
     while not results.empty():
         kind, _, value = results.get()
         if kind == "error":
             errors.append(value)
+        elif kind == "peer":  # a survivor's view of a process that died: the launcher's own words say more
+            peers.append(value)
         elif kind == "result":
             done = value
     if errors:
         raise TrainError(errors[0])
+    if peers and failure is None:
+        raise TrainError(peers[0])
     if done is None and received:  # stopped (Ctrl-C, SIGTERM) before the processes could save anything
         raise KeyboardInterrupt
     if done is None:
@@ -1263,8 +1295,8 @@ def _run_dir_lock(run_dir: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - Windows: no flock; runs are not guarded there
         yield
         return
-    if os.environ.get("RANK", "0") != "0":  # torchrun's other ranks: rank 0 holds it for the job
-        yield
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and os.environ["RANK"] != "0":  # as _Dist.launched
+        yield  # torchrun's other ranks: rank 0 holds it for the job
         return
     run_dir = run_dir.expanduser()
     made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # innermost first
@@ -1279,13 +1311,20 @@ def _run_dir_lock(run_dir: Path) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             raise TrainError(
                 f"{run_dir} is in use by another training run{f' (pid {holder})' if holder.isdigit() else ''}; "
                 "wait for it to finish, or pass another --run-dir"
             ) from None
+        except OSError as exc:  # a filesystem without flock (NFS without lockd, Lustre without -o flock)
+            os.close(fd)
+            logger.warning("cannot lock %s (%s): nothing stops a second run in it meanwhile", path, exc.strerror)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            yield
+            return
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
@@ -1321,7 +1360,7 @@ def _train_here(
                 result = run.run()
         except RuntimeError as exc:
             if job.world > 1 and _peer_gone(exc):  # a process of the job died: its collectives fail in the others
-                raise TrainError(
+                raise PeerGoneError(
                     f"another training process of this job stopped ({_peer_reason(exc)}){_resume_hint(config)}"
                 ) from None
             raise

@@ -129,8 +129,10 @@ def serve(settings: ServerSettings, *, log_level: str = "info") -> None:
         settings: the server's configuration (host, port, models, limits).
         log_level: uvicorn's log level.
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not logging.getLogger().handlers:  # called from Python, not the CLI (which has set logging up)
+        from tinyllm import logs
+
+        logs.configure(logging.INFO)
     if settings.host not in LOOPBACK_HOSTS and not settings.api_key:
         logger.warning(
             "serving on %s without an API key: anyone who can reach this machine can use it "
