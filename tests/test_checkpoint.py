@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -271,18 +272,24 @@ def test_a_broken_model_directory_is_diagnosed_alike_for_loading_and_for_its_tok
             look(str(ckpt))
 
 
-def test_a_run_set_aside_by_a_rerun_is_named_and_restored(model: GPT, tmp_path: Path) -> None:
-    """A rerun that died before saving left its run dir's model in previous/: `generate` said "no model at"."""
+def test_a_run_set_aside_by_a_rerun_is_what_loads_and_is_restored(model: GPT, tmp_path: Path, caplog) -> None:
+    """A rerun that stopped before saving at an evaluation left the trained model in previous/: `generate` said
+    "no model at", or loaded the rerun's untrained last/. The run set aside loads (with a warning) until the
+    rerun replaces it; `tinyllm run` moves it back where the rerun left nothing."""
     from tinyllm.checkpoint import find_checkpoint, resolve_model, restore_set_aside
 
     run = tmp_path / "run"
     save_checkpoint(run / "previous" / "best", model=model, meta={"step": 7})
     save_checkpoint(run / "previous" / "last", model=model, meta={"step": 9})
-    (run / "previous" / "metrics.jsonl").write_text("{}\n")
-    with pytest.raises(CheckpointError, match=r"its run is in .*previous, set aside by a rerun .*move its best/"):
-        resolve_model(str(run))
+    (run / "previous" / "metrics.jsonl").write_text('{"step": 9}\n')
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')  # the rerun's, which saved nothing
+    _, meta = resolve_model(str(run))
+    assert meta["step"] == 7 and "set aside" in caplog.text
+    save_checkpoint(run / "last", model=model, meta={"step": 1})  # a rerun's interrupt save: still not preferred
+    assert find_checkpoint(run) == run / "previous" / "best" and not restore_set_aside(run)
+    shutil.rmtree(run / "last")
     assert restore_set_aside(run)
-    assert find_checkpoint(run) == run / "best" and (run / "metrics.jsonl").exists()
+    assert find_checkpoint(run) == run / "best" and (run / "metrics.jsonl").read_text() == '{"step": 9}\n'
     assert not (run / "previous").exists() and not restore_set_aside(run)
 
 

@@ -252,7 +252,7 @@ def test_a_fresh_run_replaces_the_earlier_runs_checkpoints_once_it_saves(tmp_pat
         with pytest.raises(RuntimeError, match="killed"):
             train(tiny(tmp_path, corpus, max_steps=4, seed=5), progress=False)
     assert not (run / "best").exists() and not (run / "last").exists()  # nothing stale is served as this run
-    assert set(os.listdir(run / "previous")) == {"best", "last", "metrics.jsonl"}
+    assert set(os.listdir(run / "previous")) == {"best", "last", "metrics.jsonl", "loss.png"}
     kept = weights(run / "previous" / "last")
     assert kept.keys() == trained.keys() and all(torch.equal(kept[k], trained[k]) for k in trained)
     with pytest.raises(TrainError, match=r"the run before is in .*previous .*move its best/, last/ and metrics"):
@@ -269,12 +269,23 @@ def test_a_fresh_run_replaces_the_earlier_runs_checkpoints_once_it_saves(tmp_pat
     train(tiny(tmp_path, corpus, max_steps=6, run_dir=str(tmp_path / "solo"), resume=True), progress=False)
     assert (tmp_path / "solo" / "best").is_dir() and not (tmp_path / "solo" / "previous").exists()
 
-    with monkeypatch.context() as m:  # Ctrl-C on a rerun started by mistake: its interrupt save keeps the run before
-        _signal_at(m, 1, __import__("signal").SIGINT)
-        again = train(tiny(tmp_path, corpus, max_steps=4), progress=False)
-    assert again.stopped_by == "interrupted" and not (run / "best").exists()
-    assert load_checkpoint(run / "last").meta["step"] == 1
-    assert (run / "previous" / "last").is_dir()
+    def rerun_stopped_at_step_1(trained_steps: int) -> None:  # Ctrl-C on a rerun by mistake: the run before stays
+        with monkeypatch.context() as m:
+            _signal_at(m, 1, __import__("signal").SIGINT)
+            again = train(tiny(tmp_path, corpus, max_steps=4), progress=False)
+        assert again.stopped_by == "interrupted" and not (run / "best").exists()
+        assert load_checkpoint(run / "last").meta["step"] == 1
+        assert load_checkpoint(run / "previous" / "last").meta["step"] == trained_steps  # the trained run, still
+        assert find_checkpoint(run) == run / "previous" / "best"  # and what generate / serve load meanwhile
+
+    from tinyllm.checkpoint import find_checkpoint
+
+    rerun_stopped_at_step_1(4)
+    rerun_stopped_at_step_1(4)  # a second stopped rerun replaces the first one's leftovers, not the trained run
+    # --resume of the stopped rerun: its first evaluation replaces the run before, as a fresh rerun's does
+    resumed = train(tiny(tmp_path, corpus, max_steps=3, eval_interval=2, resume=True), progress=False)
+    assert resumed.steps == 3 and not (run / "previous").exists() and find_checkpoint(run) == run / "best"
+    rerun_stopped_at_step_1(3)
     finished = train(tiny(tmp_path, corpus, max_steps=2, eval_interval=1), progress=False)
     assert finished.steps == 2 and not (run / "previous").exists()  # saved at an evaluation: the run before is gone
 

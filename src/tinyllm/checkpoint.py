@@ -576,8 +576,21 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def find_checkpoint(run_dir: str | Path) -> Path | None:
-    """`run_dir/best`, else `run_dir/last`, else `run_dir` itself, whichever is a checkpoint; else None."""
+    """`run_dir/best`, else `run_dir/last`, else `run_dir` itself, whichever is a checkpoint; else None.
+
+    Where a rerun of the same recipe has set the run before aside in `run_dir/previous/` and not yet saved at an
+    evaluation (so what `run_dir` holds is untrained or unevaluated), that run's checkpoint, with a warning.
+    """
     run_dir = Path(run_dir)
+    if (aside := set_aside_checkpoint(run_dir)) is not None:
+        logger.warning(
+            "%s: loading %s, the run a rerun set aside (the rerun has not saved at an evaluation yet)", run_dir, aside
+        )
+        return aside
+    return _own_checkpoint(run_dir)
+
+
+def _own_checkpoint(run_dir: Path) -> Path | None:
     for candidate in (run_dir / "best", run_dir / "last", run_dir):
         if is_checkpoint(candidate):
             return candidate
@@ -585,23 +598,21 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def set_aside_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint in `run_dir/previous/` (best, else last) where `run_dir` holds none itself: a rerun of the
-    same recipe moved the run before there and stopped before its first save. Else None."""
-    run_dir = Path(run_dir)
-    if find_checkpoint(run_dir) is not None:
-        return None
-    return next((c for c in (run_dir / PREVIOUS_DIR / n for n in ("best", "last")) if is_checkpoint(c)), None)
+    """The checkpoint in `run_dir/previous/` (best, else last): the run before, which a rerun of the same recipe
+    set aside and deletes once it saves at an evaluation. Else None."""
+    previous = Path(run_dir) / PREVIOUS_DIR
+    return next((c for c in (previous / "best", previous / "last") if is_checkpoint(c)), None)
 
 
 def restore_set_aside(run_dir: str | Path) -> bool:
-    """Move the run set aside in `run_dir/previous/` back into `run_dir` (best/, last/, metrics.jsonl) where
-    `run_dir` holds no checkpoint; whether it did."""
-    if set_aside_checkpoint(run_dir) is None:
-        return False
+    """Move the run set aside in `run_dir/previous/` back into `run_dir` (best/, last/, metrics.jsonl, loss.png)
+    where the rerun left no checkpoint of its own (it was killed before saving); whether it did."""
     run_dir = Path(run_dir)
+    if set_aside_checkpoint(run_dir) is None or _own_checkpoint(run_dir) is not None:
+        return False
     previous = run_dir / PREVIOUS_DIR
-    for item in sorted(previous.iterdir()):
-        if not (run_dir / item.name).exists():
+    for item in sorted(previous.iterdir()):  # the rerun's own metrics and plot are of a run that left nothing
+        if item.name in ("metrics.jsonl", "loss.png") or not (run_dir / item.name).exists():
             os.replace(item, run_dir / item.name)
     shutil.rmtree(previous, ignore_errors=True)
     return True
@@ -639,11 +650,6 @@ def model_tokenizer(spec: str) -> Tokenizer:
 
 def _no_model(spec: str, path: Path) -> NoReturn:
     """Why `spec` names no model: what is wrong with a directory that looks like one, else what a spec may be."""
-    if path.is_dir() and (aside := set_aside_checkpoint(path)) is not None:
-        raise CheckpointError(
-            f"no model in {path}: its run is in {aside.parent}, set aside by a rerun that stopped before saving; "
-            f"move its best/, last/ and metrics.jsonl back into {path} (`tinyllm run` does so itself)"
-        )
     if path.is_dir() and (
         broken := _first_existing(path / "best", path / "last", path / CONFIG_FILE, path / MODEL_FILE)
     ):

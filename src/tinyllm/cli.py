@@ -472,8 +472,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if (wanted := os.environ.get("TINYLLM_CHECKPOINT", "").strip()) and Path(wanted) != run_dir:
         logger.warning("TINYLLM_CHECKPOINT=%s is for `tinyllm serve`; `tinyllm run` serves --run-dir %s",
                        wanted, run_dir)  # fmt: skip
-    if restore_set_aside(run_dir):
-        logger.warning("%s: moved back the run a rerun had set aside in previous/ (it stopped before saving)", run_dir)
+    from tinyllm.train import TrainError, run_dir_lock
+
+    try:
+        with run_dir_lock(run_dir):  # not while a run trains there
+            if restore_set_aside(run_dir):
+                logger.warning("%s: moved back the run a rerun had set aside in previous/ (it left none)", run_dir)
+    except TrainError as exc:  # in use: serve what is there (a training run elsewhere cannot be waited for)
+        logger.warning("%s", exc)
     checkpoint = find_checkpoint(run_dir)
     if checkpoint is None:
         from tinyllm.train import train_default

@@ -458,9 +458,13 @@ class _Run:
         if self.cfg.init_from is None and config != self._model_config():
             differs.append(f"a {config.n_layer}-layer, {config.n_embd}-wide model")
         if differs:
+            that = (
+                f"move it back from {last.parent} to continue it" if last.parent.name == PREVIOUS_DIR
+                else "--resume to continue that one"
+            )  # fmt: skip
             raise TrainError(
                 f"{self.run_dir} holds a run of another recipe ({'; '.join(differs)}); pass --run-dir DIR for "
-                "this one, --resume to continue that one, or --overwrite to replace it"
+                f"this one, {that}, or --overwrite to replace it"
             )
 
     def _check_resumable(self, config: Any, meta: dict[str, Any]) -> None:
@@ -603,26 +607,36 @@ class _Run:
     def _open_metrics(self, *, resumed: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
+        previous = self.run_dir / PREVIOUS_DIR
+        pending = any(is_checkpoint(previous / n) for n in ("best", "last"))  # a run set aside, not yet replaced
         if resumed and self.metrics_path.exists():  # drop what happened after the checkpoint (a killed run)
             for line in self.metrics_path.read_text().splitlines():
                 with contextlib.suppress(json.JSONDecodeError):
                     record = json.loads(line)
                     if record.get("step", 0) <= self.step and record.get("event") != "end":
                         self.records.append(record)
-        elif not resumed and any((self.run_dir / name).exists() for name in ("last", "best")):
+        if resumed:
+            if pending:  # continuing a rerun that was stopped: its evaluations replace the run before, as they would
+                self.previous_run = previous
+        elif pending:
+            # the run before is still set aside, so what is here is a rerun that never saved at an evaluation after
+            # training (stopped, killed, or out of budget at step 0): this run starts over in its place, and the run
+            # before stays set aside until this one saves at an evaluation
+            for name in ("best", "last", METRICS_FILE, PLOT_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    _remove(self.run_dir / name)
+            self.previous_run = previous
+            logger.warning("%s holds the run before; deleted once this run saves at an evaluation", previous)
+        elif any((self.run_dir / name).exists() for name in ("last", "best")):
             # Out of the way now: a `best` left from the earlier run would be what evaluate, generate and serve
             # load until this run saves (or for good, if it stops before). Not deleted until then: a rerun killed
             # before its first save (or a shorter budget's crash) must not take a trained model with it.
-            previous = self.run_dir / PREVIOUS_DIR
-            _set_aside(self.run_dir, previous, ("best", "last", METRICS_FILE))
+            _set_aside(self.run_dir, previous, ("best", "last", METRICS_FILE, PLOT_FILE))
             self.previous_run = previous
             logger.warning(
-                "%s holds an earlier run; moved its checkpoints and metrics to %s, deleted once this run saves "
-                "(pass --resume to continue that run instead)", self.run_dir, previous,
+                "%s holds an earlier run; moved its checkpoints and metrics to %s, deleted once this run saves at "
+                "an evaluation (pass --resume to continue that run instead)", self.run_dir, previous,
             )  # fmt: skip
-        elif not resumed and (self.run_dir / PREVIOUS_DIR).is_dir():  # set aside by a run that stopped unsaved
-            self.previous_run = self.run_dir / PREVIOUS_DIR
-            logger.warning("%s holds the run before; deleted once this run saves", self.previous_run)
         tmp = self.metrics_path.with_name(f".{METRICS_FILE}.tmp")
         tmp.write_text("".join(_json_line(r) for r in self.records))
         os.replace(tmp, self.metrics_path)
@@ -881,7 +895,8 @@ class _Run:
             self._eval_and_save()
         elif self.last_save_step != self.step:  # stopped right after the step-0 evaluation: save that model
             self.best = min(self.best, self.last_eval or self.best)
-            self.save(best=self.best == self.last_eval)
+            # (an untrained model, out of budget at step 0, does not replace the run before)
+            self.save(best=self.best == self.last_eval, replaces_previous=self.step > 0)
         return self._finish(reason)
 
     def _step(self, lr: float, bar: tqdm | None) -> None:
@@ -1087,6 +1102,13 @@ def _end_processes(processes: Sequence[Any], *, grace_s: float) -> None:
                 process.join(5.0)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 def _set_aside(run_dir: Path, previous: Path, names: Sequence[str]) -> None:
     """Move `names` of `run_dir` into `previous` (replacing an older one) all together or not at all: staged in a
     sibling, so a move that fails halfway puts back what it moved and leaves the older `previous` alone."""
@@ -1275,7 +1297,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     _check_run_dir(Path(config.run_dir))
     _check_init_outside(config)
     world = resolve_processes(config)
-    with _run_dir_lock(Path(config.run_dir)):
+    with run_dir_lock(Path(config.run_dir)):
         if world > 1:
             return _spawn(config, world, progress=progress)
         return _train_here(config, progress=progress)
@@ -1285,7 +1307,7 @@ LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
-def _run_dir_lock(run_dir: Path) -> Iterator[None]:
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
     """Hold RUN/.lock (an flock: the OS lets go when the process ends, however it ends) for the whole run, so a
     second run in the same directory fails at once instead of interleaving its metrics and checkpoints with the
     first's. Taken by the launching process (rank 0 under torchrun) and removed at the end; a directory made here
