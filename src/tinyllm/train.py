@@ -776,7 +776,12 @@ class _Run:
         if best:
             save_checkpoint(self.run_dir / "best", model=self.raw, meta=meta, tokenizer=self.tok)
         if self.previous_run is not None and replaces_previous:  # replaced now
-            shutil.rmtree(self.previous_run, ignore_errors=True)
+            trash = self.run_dir / f".{PREVIOUS_DIR}.old-{os.getpid()}"
+            try:  # gone in one step: a half-deleted previous/ would still read as a run set aside
+                os.replace(self.previous_run, trash)
+            except OSError as exc:
+                logger.warning("cannot remove %s (%s): delete it by hand", self.previous_run, exc.strerror)
+            shutil.rmtree(trash, ignore_errors=True)
             self.previous_run = None
 
     def _eval_and_save(self) -> None:
