@@ -1002,3 +1002,17 @@ def test_a_dead_process_is_named_by_the_launcher_not_by_a_survivor(tmp_path, cor
     monkeypatch.setattr(mp, "start_processes", start_processes)
     with pytest.raises(TrainError, match="^process 1 terminated with signal SIGKILL$"):
         train(tiny(tmp_path, corpus, processes=2), progress=False)
+
+
+def test_the_resume_hint_of_a_failed_job_names_what_survived(tmp_path):
+    from tinyllm.checkpoint import save_checkpoint
+
+    config = train_config(run_dir=str(tmp_path / "run"))
+    assert train_mod._resume_hint(config) == ""
+    save_checkpoint(tmp_path / "run" / "previous" / "last", model=GPT(TINY), meta={"step": 6})
+    assert train_mod._resume_hint(config) == f"; the run before is still in {tmp_path / 'run' / 'previous'}"
+    save_checkpoint(tmp_path / "run" / "last", model=GPT(TINY), meta={"step": 2})
+    assert train_mod._resume_hint(config) == (
+        f"; {tmp_path / 'run' / 'last'} holds step 2: the same command with --resume continues "
+        f"(the run before is still in {tmp_path / 'run' / 'previous'})"
+    )

@@ -1158,13 +1158,18 @@ def _peer_reason(exc: BaseException) -> str:
 
 
 def _resume_hint(config: TrainConfig) -> str:
-    """ "; RUN/last holds step N: --resume continues" where a checkpoint survived, else ""."""
+    """ "; RUN/last holds step N: --resume continues" where a checkpoint survived (and where the run before waits
+    in previous/), else ""."""
     last = Path(config.run_dir).expanduser() / "last"
+    aside = last.parent / PREVIOUS_DIR
+    kept = f"the run before is still in {aside}" if is_checkpoint(aside / "last") else ""
     try:
         step = read_meta(last).get("step") if is_checkpoint(last) else None
     except TinyLLMError:
-        return ""
-    return f"; {last} holds step {step}: the same command with --resume continues" if step is not None else ""
+        step = None
+    if step is None:
+        return f"; {kept}" if kept else ""
+    return f"; {last} holds step {step}: the same command with --resume continues" + (f" ({kept})" if kept else "")
 
 
 def _spawn(config: TrainConfig, world: int, *, progress: bool) -> TrainResult:
