@@ -288,6 +288,38 @@ def test_a_fresh_run_replaces_the_earlier_runs_checkpoints_once_it_saves(tmp_pat
     rerun_stopped_at_step_1(3)
     finished = train(tiny(tmp_path, corpus, max_steps=2, eval_interval=1), progress=False)
     assert finished.steps == 2 and not (run / "previous").exists()  # saved at an evaluation: the run before is gone
+    # an --overwrite run of another recipe, stopped: the run it set aside is what a third run is checked against
+    with monkeypatch.context() as m:
+        _signal_at(m, 1, __import__("signal").SIGINT)
+        train(tiny(tmp_path, corpus, data=(str(other),), overwrite=True, max_steps=4), progress=False)
+    with pytest.raises(TrainError, match="holds a run of another recipe"):
+        train(tiny(tmp_path, corpus, data=(str(other),)), progress=False)
+    # out of budget at step 0: no untrained best/, and the run before stays
+    zero = train(tiny(tmp_path, corpus, max_steps=None, max_minutes=1e-6), progress=False)
+    assert zero.steps == 0 and not (run / "best").exists() and (run / "previous" / "best").is_dir()
+
+
+def test_setting_a_run_aside_is_all_or_nothing(tmp_path, monkeypatch):
+    """A Ctrl-C (or an OS error) halfway left the run in a hidden staging directory nothing reads."""
+    run = tmp_path / "run"
+    for name in ("best", "last"):
+        (run / name).mkdir(parents=True)
+        (run / name / "model.safetensors").write_text(name)
+    (run / "metrics.jsonl").write_text("{}\n")
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):  # noqa: ANN001, ANN202
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod._set_aside(run, run / "previous", ("best", "last", "metrics.jsonl"))
+    monkeypatch.setattr(os, "replace", real)
+    assert sorted(os.listdir(run)) == ["best", "last", "metrics.jsonl"]  # all back; no staging directory
+    assert (run / "best" / "model.safetensors").read_text() == "best"
 
 
 def test_a_diverging_run_stops_with_a_clear_error(tmp_path, corpus):

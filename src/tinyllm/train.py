@@ -440,8 +440,9 @@ class _Run:
         """A fresh run where a run of another recipe (other data, model or starting point) left its checkpoints
         would replace a trained model (e.g. `tinyllm train --data notes/` over `make run`'s runs/default): an
         error unless `overwrite`. The same recipe again (`python train.py` twice) replaces it, with a warning."""
-        places = [self.run_dir / n for n in ("last", "best")]
-        places += [self.run_dir / PREVIOUS_DIR / n for n in ("last", "best")]  # set aside by a rerun that died
+        # the run set aside first: while it waits, what is here is a stopped rerun's, and it is the one replaced
+        places = [self.run_dir / PREVIOUS_DIR / n for n in ("last", "best")]
+        places += [self.run_dir / n for n in ("last", "best")]
         last = next((path for path in places if is_checkpoint(path)), None)
         if resume_from is not None or self.cfg.overwrite or last is None:
             return
@@ -899,9 +900,10 @@ class _Run:
         if self.last_eval_step != self.step:
             self._eval_and_save()
         elif self.last_save_step != self.step:  # stopped right after the step-0 evaluation: save that model
-            self.best = min(self.best, self.last_eval or self.best)
-            # (an untrained model, out of budget at step 0, does not replace the run before)
-            self.save(best=self.best == self.last_eval, replaces_previous=self.step > 0)
+            trained = self.step > 0  # (an untrained model, out of budget at step 0, is no best, replaces nothing)
+            if trained:
+                self.best = min(self.best, self.last_eval or self.best)
+            self.save(best=trained and self.best == self.last_eval, replaces_previous=trained)
         return self._finish(reason)
 
     def _step(self, lr: float, bar: tqdm | None) -> None:
@@ -1129,7 +1131,7 @@ def _set_aside(run_dir: Path, previous: Path, names: Sequence[str]) -> None:
             os.replace(previous, old)
         os.replace(staging, previous)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError:
+    except BaseException:  # an OS error, or Ctrl-C before the run's own signal handling is in place
         for name in moved:
             with contextlib.suppress(OSError):
                 os.replace(staging / name, run_dir / name)
