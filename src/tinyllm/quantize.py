@@ -25,6 +25,7 @@ import logging
 import math
 import mmap
 import warnings
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -219,20 +220,29 @@ def huge_page_zeros(like: torch.Tensor) -> torch.Tensor:
 
 
 def huge_page_zeros_like_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Zeros shaped like each of `tensors` (CPU, one dtype), as views of one arena on 2 MB pages where possible,
-    else `huge_page_zeros` of each. A KV cache is many tensors each smaller than a huge page (GPT-2's layers'
-    keys for 144 positions: 0.4 MB), so only one mapping for them all gets huge pages."""
-    if not tensors or len({t.dtype for t in tensors}) > 1 or any(t.device.type != "cpu" for t in tensors):
-        return [huge_page_zeros(t) for t in tensors]
-    align = 64 // tensors[0].element_size() or 1  # each view starts on a cache line
+    """Zeros shaped like each of `tensors` (CPU), as views of one arena on 2 MB pages where possible, else
+    `huge_page_zeros` of each. A KV cache is many tensors each smaller than a huge page (GPT-2's layers' keys for
+    144 positions: 0.4 MB), so only one mapping for them all gets huge pages."""
+    views = _arena_views(tensors) if all(t.device.type == "cpu" for t in tensors) else None
+    return views if views is not None else [huge_page_zeros(t) for t in tensors]
+
+
+def _arena_views(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Zeros with the dtype and shape of each of `tensors`, views of one mapping on 2 MB pages (one mapping, not
+    one per tensor: THP backs only whole aligned huge pages), each starting on a cache line; None where
+    unsupported or too small."""
+    align = 64
     offsets, total = [], 0
     for t in tensors:
         offsets.append(total)
-        total += -(-t.numel() // align) * align
-    arena = _huge_page_tensor((total,), tensors[0].dtype)
+        total += -(-t.numel() * t.element_size() // align) * align
+    arena = _huge_page_tensor((total,), torch.uint8) if tensors else None
     if arena is None:
-        return [huge_page_zeros(t) for t in tensors]
-    return [arena[o : o + t.numel()].view(t.shape) for t, o in zip(tensors, offsets, strict=True)]
+        return None
+    return [
+        arena[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        for t, o in zip(tensors, offsets, strict=True)
+    ]
 
 
 def _move_to_huge_pages(model: nn.Module) -> int:
@@ -248,18 +258,12 @@ def _move_to_huge_pages(model: nn.Module) -> int:
                 if t is not None and t.device.type == "cpu" and id(t) not in seen:  # a tied weight moves once
                     seen.add(id(t))
                     tensors.append((module, name, t))
-    align = 64  # a cache line: every tensor starts on one
-    offsets, total = [], 0
-    for _, _, t in tensors:
-        offsets.append(total)
-        total += -(-t.numel() * t.element_size() // align) * align
-    arena = _huge_page_tensor((total,), torch.uint8) if tensors else None
-    if arena is None:
+    views = _arena_views([t for _, _, t in tensors])
+    if views is None:
         return 0
     with torch.no_grad():
-        for (module, name, t), offset in zip(tensors, offsets, strict=True):
-            nbytes = t.numel() * t.element_size()
-            new = arena[offset : offset + nbytes].view(t.dtype).view(t.shape).copy_(t)
+        for (module, name, t), view in zip(tensors, views, strict=True):
+            new = view.copy_(t)
             if name in module._parameters:
                 module._parameters[name].data = new  # type: ignore[union-attr]
             else:
