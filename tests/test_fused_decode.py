@@ -131,6 +131,16 @@ def test_c_logits_and_cache_writes_match_eager(config: ModelConfig) -> None:
     assert caches[0].k[0][0, :, 18].abs().sum() > 0 and caches[0].k[0][0, :, 19:].abs().sum() == 0  # up to 18 only
 
 
+def test_column_blocks_hold_each_block_of_columns_contiguous() -> None:
+    """The MLP's second weight as the C step reads it: block b is columns b C .. (b + 1) C, rows kept."""
+    w = torch.randn(6, 24)
+    (blocks,) = fused_decode.column_blocks([w], 6)
+    assert blocks.shape == (4, 6, 6) and blocks.is_contiguous() and blocks.dtype == torch.float32
+    for b in range(4):
+        assert torch.equal(blocks[b], w[:, 6 * b : 6 * (b + 1)])
+    assert blocks.data_ptr() != w.data_ptr()  # a copy: the model's own weight is untouched
+
+
 def test_any_thread_count_gives_the_same_numbers(model: GPT) -> None:
     """Each thread takes a run of rows, but every row's sum is computed the same way: bit-equal logits."""
     results = []

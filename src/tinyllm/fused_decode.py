@@ -5,9 +5,11 @@ step `torch.compile` builds (`tinyllm.compiled_decode`) splits a layer into ~17 
 each. `csrc/decode_step.c` is the same math in 5 phases a layer (q/k/v, attention, projection, MLP in, MLP
 out): each thread streams one contiguous run of rows of each matrix (two 16-lane accumulators), computes the
 LayerNorms it needs itself, and takes chunks from the end of another thread's run when done with its own.
-It reads the model's own fp32 weights in place (no copy) and writes the engine's KV cache in place. Measured
-on GPT-2-124M here (BENCHMARKS.md, runs I-K): 89-100% of the memory-bandwidth roofline at ~33 GB/s, 86-88%
-at ~60 GB/s, against 84-90% and ~80% for inductor's step.
+It reads the model's own fp32 weights in place, except the MLP's second linear, whose copy in column blocks
+(`column_blocks`: 113 MB for GPT-2-124M) it reads as rows as short as every other matrix's (a row of 4C floats
+multiplies all 4C of the MLP's activations, more than L1 keeps beside the streamed weights), and writes the
+engine's KV cache in place. Measured on GPT-2-124M here (BENCHMARKS.md, runs I-K): 89-100% of the
+memory-bandwidth roofline at ~33 GB/s, 86-88% at ~60 GB/s, against 84-90% and ~80% for inductor's step.
 
 Same fp32 weights, same math in another summation order (like the compiled step): greedy ids equal the eager
 engine's (tested), logits to ~1e-5, bit-equal for any thread count; `warm_up` checks one step against the
@@ -42,6 +44,7 @@ from torch import nn
 
 from tinyllm.assets import tinyllm_home
 from tinyllm.kv_cache import KVCache
+from tinyllm.quantize import _arena_views
 
 if TYPE_CHECKING:
     from tinyllm.model import GPT
@@ -193,16 +196,33 @@ def _weights(model: GPT) -> tuple[list[torch.Tensor | None], float]:
         raise ValueError("the model has no layers, or not as many as its config says")
     tensors: list[torch.Tensor | None] = [tr.wte.weight, tr.wpe.weight, *norm(tr.ln_f)]
     tensors += linear(model.lm_head, V, C)[:1]
+    blocked = []  # where the MLP's second weights go
     for block in tr.h:
         attn, mlp = block.attn, block.mlp
         tensors += norm(block.ln_1) + linear(attn.c_attn, 3 * C, C) + linear(attn.c_proj, C, C)
-        tensors += norm(block.ln_2) + linear(mlp.c_fc, 4 * C, C) + linear(mlp.c_proj, C, 4 * C)
+        tensors += norm(block.ln_2) + linear(mlp.c_fc, 4 * C, C)
+        blocked.append(len(tensors))
+        tensors += linear(mlp.c_proj, C, 4 * C)
     if getattr(model.lm_head, "bias", None) is not None:
         raise ValueError("a head with a bias")
     for t in tensors:
         if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu"):
             raise ValueError("every weight must be a contiguous float32 CPU tensor")
+    for i, copy in zip(blocked, column_blocks([tensors[i] for i in blocked], C), strict=True):  # type: ignore[misc]
+        tensors[i] = copy
     return tensors, eps.pop()
+
+
+def column_blocks(weights: list[torch.Tensor], width: int) -> list[torch.Tensor]:
+    """Copies of (N, K) weights as (K / width, N, width): block b holds columns b width .. (b + 1) width, rows
+    contiguous, all in one arena on 2 MB pages where possible (the layout the C step reads the MLP's second
+    weight in; one more copy of that matrix: 113 MB for GPT-2-124M)."""
+    shapes = [torch.empty(w.shape[1] // width, w.shape[0], width, dtype=w.dtype, device="meta") for w in weights]
+    out = _arena_views(shapes) or [torch.empty(s.shape, dtype=s.dtype) for s in shapes]
+    with torch.no_grad():
+        for o, w in zip(out, weights, strict=True):
+            o.copy_(w.detach().view(w.shape[0], -1, width).transpose(0, 1))
+    return out
 
 
 class FusedDecoder:
@@ -210,7 +230,8 @@ class FusedDecoder:
 
     Args:
         model: a float32 GPT on the CPU (ideally after `prepare_for_inference`: weights on 2 MB pages). Its
-            weights are read in place: do not re-prepare or reload it while a decoder uses it.
+            weights are read in place (one matrix a layer is copied): do not re-prepare or reload it while a
+            decoder uses it.
 
     Call `warm_up(like)` once (it builds the C step, a second the first time on a machine, and checks it
     against the eager model) with the engine's cache: a scratch cache of the same shape is written, never the
@@ -303,7 +324,7 @@ class FusedDecoder:
 
     def _size_scratch(self, threads: int) -> None:
         C = self._config.n_embd
-        need = 16 + 32 * threads + 9 * C + threads * (C + self._positions)  # the layout in decode_step.c
+        need = 16 + 32 * threads + 13 * C + threads * (2 * C + self._positions)  # the layout in decode_step.c
         if self._scratch is None or self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=torch.float32, device="cpu")  # not torch's default dtype
             self._scratch_addr = self._scratch.data_ptr()

@@ -167,13 +167,28 @@ typedef struct {
     float scale;
     const float *const *weights;
     float *const *kv;
-    float *x, *q, *y, *f, *logits;
+    float *x, *q, *y, *f, *d, *logits;
 } step_t;
 
-/* Rows [s, e) of phase `phase` of layer `l` (heads, for attention); `h` the thread's LayerNorm output, `scores`
-   its attention scratch; the head keeps the thread's best logit in top/at. */
-static void rows(const step_t *st, int phase, int64_t l, int64_t s, int64_t e, const float *h, float *scores,
-                 float *top, int64_t *at) {
+/* The residual stream after layer l - 1 (the embeddings at l == 0) into `z`: x plus the MLP's output, whose
+   4 partial sums per row wait in d (see P_MPROJ); the same values in every thread (each computes it for itself,
+   like its LayerNorms: cheaper than a phase), written to x by the next attention projection. */
+static void residual(const step_t *st, int64_t l, float *z) {
+    const int64_t C = st->C;
+    if (l == 0) {
+        memcpy(z, st->x, (size_t)C * sizeof(float));
+        return;
+    }
+    const float *bias = st->weights[W_GLOBAL + (l - 1) * W_PER_LAYER + W_MPROJ_B], *d = st->d;
+    for (int64_t r = 0; r < C; r++)
+        z[r] = st->x[r] + ((((d[r] + d[C + r]) + d[2 * C + r]) + d[3 * C + r]) + (bias ? bias[r] : 0.0f));
+}
+
+/* Rows [s, e) of phase `phase` of layer `l` (heads, for attention); `h` the thread's LayerNorm output, `z` its
+   copy of the residual stream before this layer (`residual`), `scores` its attention scratch; the head keeps
+   the thread's best logit in top/at. */
+static void rows(const step_t *st, int phase, int64_t l, int64_t s, int64_t e, const float *h, const float *z,
+                 float *scores, float *top, int64_t *at) {
     const int64_t C = st->C, D = st->D, S = st->S, pos = st->pos;
     /* the layer's weights and cache (none for the head, where l == L) */
     const float *const *w = l < st->L ? st->weights + W_GLOBAL + l * W_PER_LAYER : NULL;
@@ -212,9 +227,9 @@ static void rows(const step_t *st, int phase, int64_t l, int64_t s, int64_t e, c
             for (int64_t d = 0; d < D; d++) out[d] /= total;
         }
         break;
-    case P_APROJ:
+    case P_APROJ: /* x, with the last layer's MLP output settled (z), plus the attention's projection */
         for (int64_t r = s; r < e; r++)
-            st->x[r] += dot(w[W_APROJ_W] + r * C, st->y, C) + (w[W_APROJ_B] ? w[W_APROJ_B][r] : 0.0f);
+            st->x[r] = z[r] + (dot(w[W_APROJ_W] + r * C, st->y, C) + (w[W_APROJ_B] ? w[W_APROJ_B][r] : 0.0f));
         break;
     case P_FC: /* 16 rows' sums, then their GELU at once */
         for (int64_t r0 = s; r0 < e; r0 += 16) {
@@ -226,9 +241,10 @@ static void rows(const step_t *st, int phase, int64_t l, int64_t s, int64_t e, c
             memcpy(st->f + r0, &g, (size_t)m * sizeof(float));
         }
         break;
-    case P_MPROJ:
-        for (int64_t r = s; r < e; r++)
-            st->x[r] += dot(w[W_MPROJ_W] + r * 4 * C, st->f, 4 * C) + (w[W_MPROJ_B] ? w[W_MPROJ_B][r] : 0.0f);
+    case P_MPROJ: /* the weight (C, 4C) in 4 column blocks, (4, C, C) (see tinyllm_decode_step), read as 4C rows
+                     of C: row u of block b = u / C is C of the 4C products of output u % C; `residual` sums
+                     each output's 4 in block order. A stretch of rows multiplies C floats of f, not all 4C */
+        for (int64_t u = s; u < e; u++) st->d[u] = dot(w[W_MPROJ_W] + u * C, st->f + u / C * C, C);
         break;
     case P_HEAD:
         for (int64_t r = s; r < e; r++) {
@@ -244,19 +260,22 @@ static void rows(const step_t *st, int phase, int64_t l, int64_t s, int64_t e, c
 
 /* Rows (or heads) a phase has, and how many a thread takes at a time. */
 static void phase_size(const step_t *st, int phase, int64_t *count, int64_t *chunk) {
-    static const int64_t rows_per_c[] = {3, 0, 1, 4, 1, 0}, width_per_c[] = {1, 0, 1, 1, 4, 1};
+    static const int64_t rows_per_c[] = {3, 0, 1, 4, 4, 0};
     if (phase == P_ATTN) {
         *count = st->H, *chunk = 1;
     } else {
         *count = phase == P_HEAD ? st->V : rows_per_c[phase] * st->C;
-        int64_t width = width_per_c[phase] * st->C;
-        *chunk = CHUNK_FLOATS / width > 1 ? CHUNK_FLOATS / width : 1;
+        *chunk = CHUNK_FLOATS / st->C > 1 ? CHUNK_FLOATS / st->C : 1; /* every matrix has rows of C */
     }
 }
 
 /* Token `token` at position `pos` of one sequence; returns the argmax of the logits (V,) it writes.
-   dims: L, H, C, V, S. weights: W_GLOBAL pointers then W_PER_LAYER per layer (a missing bias is NULL).
-   kv: L pairs (keys, values), each (H, S, D) contiguous. scratch: 16 + 32 T + 9 C + T (C + S) floats. */
+   dims: L, H, C, V, S. weights: W_GLOBAL pointers then W_PER_LAYER per layer (a missing bias is NULL); the MLP's
+   second weight (C, 4C) in column blocks, (4, C, C): block b holds columns b C .. (b + 1) C. Read as rows of
+   4C, each row multiplies all 4C floats of the MLP's activations, 12 KB for GPT-2, which L1 cannot keep among
+   the streamed weights: that matrix streamed ~5% slower than the others at ~60 GB/s (measured); as rows of C
+   from one block a stretch multiplies C of them.
+   kv: L pairs (keys, values), each (H, S, D) contiguous. scratch: 16 + 32 T + 13 C + T (2 C + S) floats. */
 int64_t tinyllm_decode_step(const int64_t *dims, const float *const *weights, float *const *kv, float *scratch,
                             float *logits, int64_t token, int64_t pos, float eps, int threads) {
     step_t st;
@@ -275,8 +294,8 @@ int64_t tinyllm_decode_step(const int64_t *dims, const float *const *weights, fl
     run_t *runs[2];
     runs[0] = (run_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     runs[1] = runs[0] + threads;
-    st.x = (float *)(runs[1] + threads), st.q = st.x + C, st.y = st.q + 3 * C, st.f = st.y + C;
-    float *per_thread = st.f + 4 * C;
+    st.x = (float *)(runs[1] + threads), st.q = st.x + C, st.y = st.q + 3 * C, st.f = st.y + C, st.d = st.f + 4 * C;
+    float *per_thread = st.d + 4 * C;
 
     const float *wte = weights[W_WTE], *wpe = weights[W_WPE];
     for (int64_t i = 0; i < C; i++) st.x[i] = wte[token * C + i] + wpe[pos * C + i];
@@ -284,7 +303,7 @@ int64_t tinyllm_decode_step(const int64_t *dims, const float *const *weights, fl
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        float *h = per_thread + t * (C + st.S), *scores = h + C;
+        float *h = per_thread + t * (2 * C + st.S), *z = h + C, *scores = z + C;
         float top = -INFINITY;
         int64_t at = 0, count, chunk, lo, hi, s, e, step = 0;
         phase_size(&st, P_QKV, &count, &chunk);
@@ -296,15 +315,16 @@ int64_t tinyllm_decode_step(const int64_t *dims, const float *const *weights, fl
                 if (l == st.L && phase != P_QKV) break;
                 int kind = l == st.L ? P_HEAD : phase;
                 const float *const *w = l < st.L ? weights + W_GLOBAL + l * W_PER_LAYER : NULL;
-                if (kind == P_QKV) layer_norm(h, st.x, w[W_LN1_W], w[W_LN1_B], C, eps);
+                if (kind == P_QKV || kind == P_HEAD) residual(&st, l, z);
+                if (kind == P_QKV) layer_norm(h, z, w[W_LN1_W], w[W_LN1_B], C, eps);
                 if (kind == P_FC) layer_norm(h, st.x, w[W_LN2_W], w[W_LN2_B], C, eps);
-                if (kind == P_HEAD) layer_norm(h, st.x, weights[W_LNF_W], weights[W_LNF_B], C, eps);
+                if (kind == P_HEAD) layer_norm(h, z, weights[W_LNF_W], weights[W_LNF_B], C, eps);
                 phase_size(&st, kind, &count, &chunk);
                 run_t *mine = runs[step & 1];
-                while (run_take(&mine[t], chunk, 0, &s, &e)) rows(&st, kind, l, s, e, h, scores, &top, &at);
+                while (run_take(&mine[t], chunk, 0, &s, &e)) rows(&st, kind, l, s, e, h, z, scores, &top, &at);
                 for (int other = 1; other < T; other++)
                     while (run_take(&mine[(t + other) % T], chunk, 1, &s, &e))
-                        rows(&st, kind, l, s, e, h, scores, &top, &at);
+                        rows(&st, kind, l, s, e, h, z, scores, &top, &at);
                 if (kind == P_HEAD) break;
                 int next = phase == P_MPROJ ? (l + 1 == st.L ? P_HEAD : P_QKV) : phase + 1;
                 phase_size(&st, next, &count, &chunk);
