@@ -3,7 +3,7 @@
 Decoding one sequence reads every weight once per token, so a step is as fast as it streams the weights. The
 step `torch.compile` builds (`tinyllm.compiled_decode`) splits a layer into ~17 phases with a barrier between
 each. `csrc/decode_step.c` is the same math in 5 phases a layer (q/k/v, attention, projection, MLP in, MLP
-out): each thread streams one contiguous run of rows of each matrix (two 16-lane accumulators), computes the
+out): each thread streams one contiguous run of rows of each matrix (two 8-lane accumulators), computes the
 LayerNorms it needs itself, and takes chunks from the end of another thread's run when done with its own.
 It reads the model's own fp32 weights in place, except the MLP's second linear, whose copy in column blocks
 (`column_blocks`: 113 MB for GPT-2-124M) it reads as rows as short as every other matrix's (a row of 4C floats
