@@ -8,8 +8,8 @@ LayerNorms it needs itself, and takes chunks from the end of another thread's ru
 It reads the model's own fp32 weights in place, except the MLP's second linear, whose copy in column blocks
 (`column_blocks`: 113 MB for GPT-2-124M) it reads as rows as short as every other matrix's (a row of 4C floats
 multiplies all 4C of the MLP's activations, more than L1 keeps beside the streamed weights), and writes the
-engine's KV cache in place. Measured on GPT-2-124M here (BENCHMARKS.md, runs I-K): 89-100% of the
-memory-bandwidth roofline at ~33 GB/s, 86-88% at ~60 GB/s, against 84-90% and ~80% for inductor's step.
+engine's KV cache in place. Measured on GPT-2-124M here (BENCHMARKS.md, runs N): a median 97.6% of the
+memory-bandwidth roofline at ~33 GB/s, 93.1% at ~60 GB/s (inductor's step: 84-90% and ~80%).
 
 Same fp32 weights, same math in another summation order (like the compiled step): greedy ids equal the eager
 engine's (tested), logits to ~1e-5, bit-equal for any thread count; `warm_up` checks one step against the
