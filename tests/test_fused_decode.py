@@ -20,8 +20,8 @@ from tinyllm.quantize import prepare_for_inference
 from tinyllm.sampling import SamplingParams
 
 CFG = ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
-# no biases; 48 channels and head size 16 are not multiples of the 32-float inner loop (its tails run)
-ODD = ModelConfig(vocab_size=101, block_size=40, n_layer=3, n_head=3, n_embd=48, bias=False)
+# no biases; 36 channels and head size 12 are not multiples of the dot product's 16-float step (its tails run)
+ODD = ModelConfig(vocab_size=101, block_size=40, n_layer=3, n_head=3, n_embd=36, bias=False)
 # head size 64, as every GPT-2 size and the default preset have: attention's own path for it
 HEAD64 = ModelConfig(vocab_size=89, block_size=48, n_layer=2, n_head=2, n_embd=128)
 GREEDY = dict(temperature=0.0, max_new_tokens=24, ignore_eos=True)
