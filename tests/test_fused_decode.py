@@ -139,6 +139,8 @@ def test_column_blocks_hold_each_block_of_columns_contiguous() -> None:
     for b in range(4):
         assert torch.equal(blocks[b], w[:, 6 * b : 6 * (b + 1)])
     assert blocks.data_ptr() != w.data_ptr()  # a copy: the model's own weight is untouched
+    with pytest.raises(ValueError, match="multiple of it"):
+        fused_decode.column_blocks([torch.randn(6, 20)], 6)
 
 
 def test_any_thread_count_gives_the_same_numbers(model: GPT) -> None:

@@ -4,7 +4,7 @@ Decoding one sequence reads every weight once per token, so a step is as fast as
 step `torch.compile` builds (`tinyllm.compiled_decode`) splits a layer into ~17 phases with a barrier between
 each. `csrc/decode_step.c` is the same math in 5 phases a layer (q/k/v, attention, projection, MLP in, MLP
 out): each thread streams one contiguous run of rows of each matrix (two 8-lane accumulators), computes the
-LayerNorms it needs itself, and takes chunks from the end of another thread's run when done with its own.
+LayerNorms it needs itself, and takes half of what is left of another thread's run when done with its own.
 It reads the model's own fp32 weights in place, except the MLP's second linear, whose copy in column blocks
 (`column_blocks`: 113 MB for GPT-2-124M) it reads as rows as short as every other matrix's (a row of 4C floats
 multiplies all 4C of the MLP's activations, more than L1 keeps beside the streamed weights), and writes the
@@ -83,7 +83,7 @@ def unavailable(device: torch.device, model: nn.Module | None = None) -> str | N
         if any(type(m).__module__.startswith("torch.ao") for m in model.modules()):
             return "the C decode step runs float32 models (int8 layers use the compiled step)"
         try:
-            _weights(model)  # type: ignore[arg-type]
+            _weights(model, copy=False)  # type: ignore[arg-type]
         except (AttributeError, TypeError, ValueError) as exc:
             return f"the C decode step does not know this model's layout: {exc}"
     return None
@@ -169,8 +169,9 @@ def _compile(compiler: list[str], target: Path) -> None:
     raise RuntimeError(f"building the C decode step failed: {errors[-1]}")
 
 
-def _weights(model: GPT) -> tuple[list[torch.Tensor | None], float]:
-    """The tensors the C step reads, in its order (None: no bias), and the LayerNorms' epsilon."""
+def _weights(model: GPT, *, copy: bool = True) -> tuple[list[torch.Tensor | None], float]:
+    """The tensors the C step reads, in its order (None: no bias), and the LayerNorms' epsilon. `copy=False`
+    only checks the layout: the MLP's second weights stay the model's own (not the blocks the C step reads)."""
     tr = model.transformer
     C, V = model.config.n_embd, model.config.vocab_size
     if C % model.config.n_head:
@@ -208,8 +209,9 @@ def _weights(model: GPT) -> tuple[list[torch.Tensor | None], float]:
     for t in tensors:
         if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu"):
             raise ValueError("every weight must be a contiguous float32 CPU tensor")
-    for i, copy in zip(blocked, column_blocks([tensors[i] for i in blocked], C), strict=True):  # type: ignore[misc]
-        tensors[i] = copy
+    if copy:
+        for i, blocks in zip(blocked, column_blocks([tensors[i] for i in blocked], C), strict=True):  # type: ignore[misc]
+            tensors[i] = blocks
     return tensors, eps.pop()
 
 
@@ -217,8 +219,10 @@ def column_blocks(weights: list[torch.Tensor], width: int) -> list[torch.Tensor]
     """Copies of (N, K) weights as (K / width, N, width): block b holds columns b width .. (b + 1) width, rows
     contiguous, all in one arena on 2 MB pages where possible (the layout the C step reads the MLP's second
     weight in; one more copy of that matrix: 113 MB for GPT-2-124M)."""
+    if any(w.dim() != 2 or w.shape[1] % width for w in weights):
+        raise ValueError(f"column blocks of width {width} need 2-D weights whose columns are a multiple of it")
     shapes = [torch.empty(w.shape[1] // width, w.shape[0], width, dtype=w.dtype, device="meta") for w in weights]
-    out = _arena_views(shapes) or [torch.empty(s.shape, dtype=s.dtype) for s in shapes]
+    out = _arena_views(shapes) or [torch.empty(s.shape, dtype=s.dtype, device="cpu") for s in shapes]
     with torch.no_grad():
         for o, w in zip(out, weights, strict=True):
             o.copy_(w.detach().view(w.shape[0], -1, width).transpose(0, 1))

@@ -4,9 +4,9 @@
    bandwidth. Here each thread streams one contiguous run of rows per matrix (one dot product per row, two
    accumulators), computes the LayerNorms it needs itself (768 floats: cheaper than a barrier), and meets the
    other threads at 5 barriers a layer: after q/k/v, attention, the attention projection, the MLP's first
-   linear and its second. A thread that finishes its run early takes chunks from the end of another's (work
-   stealing), so a thread slowed by the memory system does not keep the others waiting at the barrier. Plain
-   C with GCC vector extensions (8 floats for the streamed weights, 16 elsewhere): the compiler emits AVX-512,
+   linear and its second. A thread that finishes its run early takes half of what is left of another's from its
+   end (work stealing), so a thread slowed by the memory system does not keep the others waiting at the barrier.
+   Plain C with GCC vector extensions (8 floats in the dot products, 16 elsewhere): the compiler emits AVX-512,
    AVX2 or NEON for the machine it is built on (-march=native).
 
    Shapes: C channels, H heads, D head size, S cache positions, V vocabulary, L layers, T threads.
