@@ -483,8 +483,8 @@ def test_a_step_that_disagrees_with_eager_is_refused(
     """warm_up checks one step against the eager model: a kernel reading the wrong weights never serves."""
     weights = fused_decode._weights
 
-    def swapped(m: GPT) -> tuple[list, float]:
-        tensors, eps = weights(m)
+    def swapped(m: GPT, *, copy: bool = True) -> tuple[list, float]:
+        tensors, eps = weights(m, copy=copy)
         tensors[5 + 8], tensors[5 + 12 + 8] = tensors[5 + 12 + 8], tensors[5 + 8]  # layer 0 and 1's MLP weights
         return tensors, eps
 
