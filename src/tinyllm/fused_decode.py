@@ -44,7 +44,7 @@ from torch import nn
 
 from tinyllm.assets import tinyllm_home
 from tinyllm.kv_cache import KVCache
-from tinyllm.quantize import _arena_views
+from tinyllm.quantize import huge_page_zeros_like_all
 
 if TYPE_CHECKING:
     from tinyllm.model import GPT
@@ -221,11 +221,10 @@ def column_blocks(weights: list[torch.Tensor], width: int) -> list[torch.Tensor]
     weight in; one more copy of that matrix: 113 MB for GPT-2-124M)."""
     if any(w.dim() != 2 or w.shape[1] % width for w in weights):
         raise ValueError(f"column blocks of width {width} need 2-D weights whose columns are a multiple of it")
-    shapes = [torch.empty(w.shape[1] // width, w.shape[0], width, dtype=w.dtype, device="meta") for w in weights]
-    out = _arena_views(shapes) or [torch.empty(s.shape, dtype=s.dtype, device="cpu") for s in shapes]
-    with torch.no_grad():
-        for o, w in zip(out, weights, strict=True):
-            o.copy_(w.detach().view(w.shape[0], -1, width).transpose(0, 1))
+    blocks = [w.detach().reshape(w.shape[0], -1, width).transpose(0, 1) for w in weights]  # views (or copies)
+    out = huge_page_zeros_like_all(blocks)
+    for o, b in zip(out, blocks, strict=True):
+        o.copy_(b)
     return out
 
 

@@ -214,9 +214,10 @@ def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def huge_page_zeros(like: torch.Tensor) -> torch.Tensor:
-    """Zeros shaped like a CPU tensor, on 2 MB pages where possible (pages are touched only when written)."""
+    """Contiguous zeros shaped like a tensor, on 2 MB pages where possible (CPU; pages are touched only when
+    written)."""
     out = _huge_page_tensor(like.shape, like.dtype) if like.device.type == "cpu" else None
-    return torch.zeros_like(like) if out is None else out
+    return torch.zeros(like.shape, dtype=like.dtype, device=like.device) if out is None else out
 
 
 def huge_page_zeros_like_all(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
