@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tinyllm import assets
+from tinyllm import assets, fused_decode
 from tinyllm.config import ModelConfig
 from tinyllm.engine import (
     Engine,
@@ -155,10 +155,48 @@ def test_packed_weights_give_the_plain_weights_results_for_several_rows(seed_mod
     fast = prepare_for_inference(copy.deepcopy(seed_model))
     x = torch.randn(3, 5, seed_model.config.n_embd)  # 15 rows
     plain = {name: m(x) for name, m in fast.named_modules() if isinstance(m, OneDNNLinear) and m.in_features == 128}
-    assert pack_for_batches(fast, 8) == 2 * 4 + 1  # 2 layers x (c_attn, c_proj, c_fc, c_proj) + lm_head
+    # oneDNN's blocked copy (where the C panel kernel cannot be built)
+    assert pack_for_batches(fast, 8, panels=False) == 2 * 4 + 1  # 2 layers x (c_attn, c_proj, c_fc, c_proj) + lm_head
     assert fast.lm_head.packed is not None and fast.lm_head.weight is fast.transformer.wte.weight
+    assert fast.lm_head.panels is None
     for name, y in plain.items():
         assert torch.equal(fast.get_submodule(name)(x), y), name  # same numbers, faster GEMM
+    # the engine packs for its batch: a sequence decoded among others still equals it decoded alone
+    together = generate(fast, PROMPTS, GREEDY, eos_token_id=None)
+    alone = [generate(fast, [p], GREEDY, eos_token_id=None)[0] for p in PROMPTS]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.token_ids for r in together] == generate_naive(seed_model, PROMPTS, GREEDY, eos_token_id=None)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="needs oneDNN (CPU builds with mkldnn)")
+@pytest.mark.skipif(fused_decode.unavailable(torch.device("cpu")) is not None, reason="needs a C compiler")
+def test_batched_engines_decode_fp32_through_panels_whose_rows_ignore_their_batch_mates(seed_model: GPT) -> None:
+    fast = prepare_for_inference(copy.deepcopy(seed_model))
+    C = seed_model.config.n_embd
+    x = torch.randn(40, C)
+    plain = {name: m(x) for name, m in fast.named_modules() if isinstance(m, OneDNNLinear) and m.in_features == C}
+    assert pack_for_batches(fast, 8) == 2 * 4 + 1
+    head = fast.lm_head
+    assert head.panels is not None and head.packed is None and head.panel_rows == 32
+    assert head.panels.panels.shape == (-(-50257 // 16), C, 16)  # the last panel: 1 output and 15 zeros
+    assert head.weight is fast.transformer.wte.weight  # still tied: the panels are a copy for decoding
+    for name, want in plain.items():
+        m = fast.get_submodule(name)
+        got = m(x[:32])  # up to 32 rows (or the batch size) through the panels, in passes of 16 rows
+        torch.testing.assert_close(got, want[:32], rtol=1e-5, atol=1e-5)  # fp32, another summation order
+        # a row's numbers do not depend on the other rows: 1 row, 7, 16 or 32, and for any number of threads
+        assert all(torch.equal(m(x[i : i + 1])[0], got[i]) for i in range(32)), name
+        assert torch.equal(m(x[:7]), got[:7]) and torch.equal(m(x[:16].view(2, 8, C)).view(16, -1), got[:16])
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(m(x[:32]), got), name
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(m(x), want), name  # more rows: oneDNN's GEMM on the plain weight, as before
+    assert pack_for_batches(fast, 48) == 9 and head.panel_rows == 48  # a second, larger engine
+    with pytest.raises(ValueError, match="float32"):
+        head.panels(x.to(torch.bfloat16))
     # the engine packs for its batch: a sequence decoded among others still equals it decoded alone
     together = generate(fast, PROMPTS, GREEDY, eos_token_id=None)
     alone = [generate(fast, [p], GREEDY, eos_token_id=None)[0] for p in PROMPTS]

@@ -406,7 +406,7 @@ class Engine:
         arena = huge_page_zeros_like_all([t for pair in zip(self.cache.k, self.cache.v, strict=True) for t in pair])
         self.cache.k, self.cache.v = arena[0::2], arena[1::2]
         if max_batch_size > 1:
-            pack_for_batches(model, max_batch_size)  # oneDNN linears: a blocked weight copy for batched GEMMs
+            pack_for_batches(model, max_batch_size)  # a weight copy for batched steps (C panels, else oneDNN blocked)
         self._slots: list[_Sequence | None] = [None] * max_batch_size
         self._waiting: deque[_Sequence] = deque()
         self._lock = threading.RLock()  # re-entrant: an `on_event` callback may submit or cancel

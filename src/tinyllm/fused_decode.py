@@ -55,6 +55,7 @@ SOURCE = Path(__file__).parent / "csrc" / "decode_step.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 FALLBACK_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")  # compilers without -march=native
 MAX_THREADS = 256  # the C side's limit (csrc/decode_step.c)
+PANEL = 16  # outputs per panel in `PanelLinear`'s weight copy (one 16-float vector)
 _LOCK = threading.Lock()
 _LIBRARY: ctypes.CDLL | None = None
 
@@ -138,6 +139,9 @@ def entry(library: ctypes.CDLL) -> ctypes._CFuncPtr:
     many = library.tinyllm_decode_steps
     many.restype = i64
     many.argtypes = [*fn.argtypes, i64, p, i64, p, p]
+    panel = library.tinyllm_panel_linear
+    panel.restype = i64
+    panel.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
     return fn
 
 
@@ -226,6 +230,67 @@ def column_blocks(weights: list[torch.Tensor], width: int) -> list[torch.Tensor]
     for o, b in zip(out, blocks, strict=True):
         o.copy_(b)
     return out
+
+
+def panel_shape(weight: torch.Tensor) -> tuple[int, int, int]:
+    """The shape of an (N, K) weight's copy in panels of 16 outputs: (ceil(N / 16), K, 16)."""
+    n, k = weight.shape
+    return (-(-n // PANEL), k, PANEL)
+
+
+def fill_panels(out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Write an (N, K) weight into `out` (`panel_shape(weight)`, zeros; see `panel_linear`): panel p holds outputs
+    16 p .. 16 p + 15, input-major, the last panel's missing outputs left zero. Returns `out`."""
+    if out.shape != panel_shape(weight) or out.dtype != weight.dtype:
+        raise ValueError(f"panels of a {tuple(weight.shape)} weight are {panel_shape(weight)}, got {tuple(out.shape)}")
+    n, k = weight.shape
+    full, rest = divmod(n, PANEL)
+    w = weight.detach()
+    out[:full].copy_(w[: full * PANEL].view(full, PANEL, k).transpose(1, 2))
+    if rest:
+        out[full, :, :rest].copy_(w[full * PANEL :].t())
+    return out
+
+
+class PanelLinear:
+    """`y = x W^T + b` for a few rows of fp32 (batched decoding) in C, reading W from its copy in panels.
+
+    Each 64-byte line of a panel holds 16 outputs' weights for one input, multiplied into one register per row,
+    so a weight read from memory serves up to 16 rows (oneDNN's small-M GEMM ran ~1.3x slower at 8 rows here,
+    benchmarks in BENCHMARKS.md). Every output is one sum over the inputs in order, then the bias, whatever the
+    number of rows and threads: a row's result does not depend on its batch-mates (tested bit-equal).
+    Call `kernel()` (builds the C library, once per machine) before using instances.
+    """
+
+    def __init__(self, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> None:
+        if panels.dim() != 3 or panels.shape[2] != PANEL or panels.shape[0] != -(-out_features // PANEL):
+            raise ValueError(f"panels for {out_features} outputs must be ({-(-out_features // PANEL)}, K, {PANEL})")
+        if panels.dtype != torch.float32 or not panels.is_contiguous() or panels.device.type != "cpu":
+            raise ValueError("panels must be a contiguous float32 CPU tensor")
+        if bias is not None and (bias.shape != (out_features,) or bias.dtype != torch.float32 or bias.stride() != (1,)):
+            raise ValueError(f"bias must be a contiguous float32 tensor of shape ({out_features},)")
+        self.panels, self.bias, self.out_features = panels, bias, out_features
+        self.in_features = panels.shape[1]
+        self._fn = kernel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (R, K) -> (R, N), float32 on the CPU."""
+        x = x.contiguous()
+        rows = x.shape[0]
+        if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype != torch.float32:
+            raise ValueError(f"x must be float32 (rows, {self.in_features}), got {x.dtype} {tuple(x.shape)}")
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)
+        bias = None if self.bias is None else self.bias.data_ptr()
+        threads = max(1, min(torch.get_num_threads(), MAX_THREADS))
+        args = (x.data_ptr(), rows, self.in_features, self.panels.data_ptr(), bias, self.out_features, y.data_ptr())
+        if self._fn(*args, threads):
+            raise MemoryError("the panel kernel could not allocate its buffer")
+        return y
+
+
+def kernel() -> ctypes._CFuncPtr:
+    """The C library's `tinyllm_panel_linear` (built and loaded once; RuntimeError where it cannot be built)."""
+    return _build().tinyllm_panel_linear
 
 
 class FusedDecoder:

@@ -26,13 +26,16 @@ import math
 import mmap
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tinyllm.errors import TinyLLMError
+
+if TYPE_CHECKING:
+    from tinyllm.fused_decode import PanelLinear
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ HUGE_PAGE = 2 << 20
 HUGE_PAGE_MIN_BYTES = 4 << 20
 # Above this many rows (tokens x sequences) the fused int8 kernel loses to dequantize + float matmul.
 FUSED_INT8_MAX_ROWS = 16
+# Batched engines' fp32 linears of up to this many rows (or their batch size) run the C panel kernel.
+PANEL_MIN_ROWS = 32
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZE_MODES = ("int8", "int8-dynamic")
 
@@ -70,10 +75,13 @@ def onednn_rows(rows: int) -> int:
 class OneDNNLinear(nn.Module):
     """`nn.Linear` computed by oneDNN's inner product: the same parameters (tying kept) and fp32 math.
 
-    One row (batch-1 decoding) streams the plain weight (on 2 MB pages). Several rows use a copy reordered
-    into oneDNN's blocked layout once (`pack`, which the Engine calls for batched decoding): its GEMM then
-    skips the per-call reorder, 1.6-1.7x faster at 8 rows here, with results equal to the plain weight's.
-    Larger GEMMs (a prompt's prefill) run at `onednn_rows` rows, padded with zeros, to bound oneDNN's memory.
+    One row (batch-1 decoding) streams the plain weight (on 2 MB pages). A batched Engine gives each layer a
+    second copy of its weight for its decode steps (`pack_for_batches`): in fp32, panels that tinyllm's C kernel
+    reads (`fused_decode.PanelLinear`, ~1.3x oneDNN's packed GEMM at 8 rows here) for up to `panel_rows` rows,
+    1 included, so that a row's numbers do not depend on its batch-mates; elsewhere (no C compiler, bf16)
+    oneDNN's blocked layout (`pack`: its GEMM skips the per-call reorder, 1.6-1.7x faster at 8 rows, results
+    equal to the plain weight's). Larger GEMMs (a prompt's prefill) run at `onednn_rows` rows, padded with zeros,
+    to bound oneDNN's memory.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -82,6 +90,8 @@ class OneDNNLinear(nn.Module):
         self.weight = linear.weight  # (N, K), shared with the original module (and with wte for lm_head)
         self.bias = linear.bias
         self.packed: torch.Tensor | None = None  # oneDNN's blocked copy of `weight` for several rows
+        self.panels: PanelLinear | None = None  # or the C kernel's copy, for up to `panel_rows` rows
+        self.panel_rows = 0
 
     def pack(self, batch_size: int) -> None:
         """Reorder a copy of the weight for GEMMs of about `batch_size` rows (more memory: one more copy)."""
@@ -95,6 +105,8 @@ class OneDNNLinear(nn.Module):
             # reduction over the weight (fused with what computes x) instead of an opaque oneDNN call
             y = (self.weight * x.unsqueeze(-2)).sum(-1)
             return y if self.bias is None else y + self.bias
+        if rows <= self.panel_rows and self.panels is not None and not torch.compiler.is_compiling():
+            return self.panels(x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
         weight = self.packed if self.packed is not None and rows > 1 else self.weight
         padded = onednn_rows(rows)
         if padded == rows:
@@ -164,13 +176,34 @@ def _dynamic_int8(linear: nn.Linear) -> nn.Module:
     return q
 
 
-def pack_for_batches(model: nn.Module, batch_size: int) -> int:
-    """Give each oneDNN linear of a prepared model its blocked weight copy for GEMMs of several rows (batched
-    decoding, prefill); returns how many were packed. A no-op for other layers (int8, plain `nn.Linear`)."""
-    linears = [m for m in model.modules() if isinstance(m, OneDNNLinear)]
+def pack_for_batches(model: nn.Module, batch_size: int, *, panels: bool = True) -> int:
+    """Give each oneDNN linear of a prepared model a weight copy for batched decoding steps; returns how many got
+    one. fp32 models (with `panels` and a C compiler): panels for the C kernel (`fused_decode.PanelLinear`),
+    all in one arena on 2 MB pages, used for up to max(`batch_size`, `PANEL_MIN_ROWS`) rows; else oneDNN's
+    blocked copy. A no-op for other layers (int8, plain `nn.Linear`); layers already given a copy keep it."""
+    every = [m for m in model.modules() if isinstance(m, OneDNNLinear)]
+    linears = [m for m in every if m.packed is None and m.panels is None]
+    for m in every:
+        if m.panels is not None:  # another engine's: now also for this one's batch size
+            m.panel_rows = max(m.panel_rows, batch_size)
+    kernel_error = None
+    if panels and linears and all(m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" for m in linears):
+        from tinyllm import fused_decode  # noqa: PLC0415 (it imports this module)
+
+        try:
+            fused_decode.kernel()
+        except (RuntimeError, OSError) as exc:  # no C compiler, or it failed: oneDNN's copy instead
+            kernel_error = exc
+        else:
+            shapes = [m.weight.new_empty(fused_decode.panel_shape(m.weight)) for m in linears]  # never touched
+            for m, out in zip(linears, huge_page_zeros_like_all(shapes), strict=True):
+                m.panels = fused_decode.PanelLinear(fused_decode.fill_panels(out, m.weight), m.bias, m.out_features)
+                m.panel_rows = max(batch_size, PANEL_MIN_ROWS)
+            return len(every)
+        logger.warning("batched decoding uses oneDNN's GEMM: %s", kernel_error)
     for m in linears:
         m.pack(batch_size)
-    return len(linears)
+    return len(every)
 
 
 def onednn_available(device: torch.device | str = "cpu") -> bool:
