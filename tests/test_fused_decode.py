@@ -143,6 +143,63 @@ def test_column_blocks_hold_each_block_of_columns_contiguous() -> None:
         fused_decode.column_blocks([torch.randn(6, 20)], 6)
 
 
+@pytest.mark.parametrize("head_size", [12, 64])
+def test_decode_attention_equals_sdpa_over_each_rows_own_positions(head_size: int) -> None:
+    """Batched eager decoding's attention in C: each row over its positions up to its own, as SDPA with the
+    model's mask; a row's numbers the same whatever its batch-mates and the thread count."""
+    torch.manual_seed(0)
+    B, H, S, D = 5, 3, 40, head_size
+    qkv = torch.randn(B, 1, 3 * H * D)  # q is a strided view of the projection's output, as in the model
+    q = qkv[..., : H * D].view(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
+    k_cache, v_cache = torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    pos = torch.tensor([[3], [39], [0], [17], [20]])  # (B, 1)
+    length = int(pos.max()) + 1
+    k, v = k_cache[:, :, :length], v_cache[:, :, :length]
+    attention = fused_decode.DecodeAttention()
+    got = attention(q, k, v, pos)
+    mask = torch.arange(length).view(1, 1, 1, -1) <= pos.view(B, 1, 1, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, D)
+    assert got.shape == (B, 1, H * D)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(B, 1, H * D), rtol=1e-5, atol=1e-6)
+    for b in range(B):  # alone, in a one-row cache
+        assert torch.equal(attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], pos[b]), got[b : b + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(attention(q, k, v, pos), got)
+    finally:
+        torch.set_num_threads(threads)
+    shared = attention(q, k, v, torch.tensor([9]))  # one position for every row
+    assert torch.equal(shared[3], attention(q[3:4], k[3:4], v[3:4], torch.tensor([9]))[0])
+    with pytest.raises(ValueError, match="outside the 40 cached"):
+        attention(q, k, v, torch.tensor([[3], [40], [0], [1], [2]]))
+    with pytest.raises(ValueError, match="one query per row"):
+        attention(torch.randn(B, H, 2, D), k, v, pos)
+    with pytest.raises(ValueError, match="float32"):
+        attention(q.double(), k, v, pos)
+
+
+def test_engines_decode_with_the_c_attention_and_match_the_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine's eager steps (rows of different lengths) use the C attention: the same greedy ids as the
+    oracle, which recomputes everything with torch's attention."""
+    rows: list[int] = []
+    call = fused_decode.DecodeAttention.__call__
+
+    def counted(self: fused_decode.DecodeAttention, q: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        rows.append(len(q))
+        return call(self, q, *args)
+
+    monkeypatch.setattr(fused_decode.DecodeAttention, "__call__", counted)
+    model = _model(3, ODD)
+    engine = Engine(model, max_batch_size=3, max_seq_len=ODD.block_size)
+    assert isinstance(engine.cache.decode_attention, fused_decode.DecodeAttention)
+    prompts = [[1, 2, 3], [5] * 11, [7, 8]]
+    got = run_to_end(engine, prompts, GREEDY)
+    assert got == generate_naive(model, prompts, SamplingParams(**GREEDY), eos_token_id=None)
+    assert len(rows) == (GREEDY["max_new_tokens"] - 1) * ODD.n_layer and set(rows) == {3}  # every step, every layer
+    assert KVCache.decode_attention is None  # a cache of its own has none: torch's attention
+
+
 # runs many 32-row chunks long (q/k/v: 1536 rows, the head 4096): a thread that finishes early takes half of
 # what is left of another's run, not all of it
 WIDE = ModelConfig(vocab_size=4096, block_size=16, n_layer=1, n_head=8, n_embd=512)

@@ -405,6 +405,11 @@ class Engine:
         # 2 MB pages, one mapping for all layers: faster reads (attention's at batch 1 are latency-bound)
         arena = huge_page_zeros_like_all([t for pair in zip(self.cache.k, self.cache.v, strict=True) for t in pair])
         self.cache.k, self.cache.v = arena[0::2], arena[1::2]
+        if weight.dtype == torch.float32 and fused_decode.unavailable(self.device) is None:
+            try:  # decoding steps' attention in C (each row over its own positions)
+                self.cache.decode_attention = fused_decode.DecodeAttention()
+            except (RuntimeError, OSError) as exc:
+                logger.warning("decoding steps use torch's attention: %s", exc)
         if max_batch_size > 1:
             pack_for_batches(model, max_batch_size)  # a weight copy for batched steps (C panels, else oneDNN blocked)
         self._slots: list[_Sequence | None] = [None] * max_batch_size

@@ -142,6 +142,9 @@ def entry(library: ctypes.CDLL) -> ctypes._CFuncPtr:
     panel = library.tinyllm_panel_linear
     panel.restype = i64
     panel.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
+    attention = library.tinyllm_decode_attention
+    attention.restype = i64
+    attention.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64, i64, p, i64, i64, p, ctypes.c_int]
     return fn
 
 
@@ -285,6 +288,43 @@ class PanelLinear:
         args = (x.data_ptr(), rows, self.in_features, self.panels.data_ptr(), bias, self.out_features, y.data_ptr())
         if self._fn(*args, threads):
             raise MemoryError("the panel kernel could not allocate its buffer")
+        return y
+
+
+class DecodeAttention:
+    """Attention for one query per row (an eager decoding step) in C, over each row's own cached positions.
+
+    `attention(q, k, v, input_pos)` -> (B, 1, H D): q (B, H, 1, D); k, v the cache's first positions (B, H, S', D);
+    input_pos (B, 1) or (1,) the rows' positions (a row attends to its positions up to its own). The C step's
+    code for one head, one task per (row, head): a row's result does not depend on the other rows. torch's SDPA
+    with a mask read every row's positions up to the longest (~420 us a GPT-2 layer at 8 rows here). float32, CPU;
+    building it may raise RuntimeError (no C compiler).
+    """
+
+    def __init__(self) -> None:
+        self._fn = _build().tinyllm_decode_attention
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        B, H, T, D = q.shape
+        if T != 1 or k.shape[:2] != (B, H) or k.shape[3] != D or v.shape != k.shape or v.stride() != k.stride():
+            raise ValueError(f"one query per row: q (B, H, 1, D), k and v (B, H, S, D); got {q.shape}, {k.shape}")
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (q, k, v)):
+            raise ValueError("q, k and v must be float32 CPU tensors, contiguous in their last dimension")
+        if k.stride(2) != D:
+            raise ValueError("each head's cached positions must be contiguous")
+        pos = input_pos.reshape(-1)
+        if pos.dtype != torch.int64 or pos.numel() not in (1, B) or pos.stride(0) != 1:
+            raise ValueError(f"input_pos must hold one int64 position for every row or for all, got {input_pos.shape}")
+        y = torch.empty(B, 1, H * D, dtype=torch.float32)
+        threads = max(1, min(torch.get_num_threads(), MAX_THREADS))
+        status = self._fn(
+            q.data_ptr(), q.stride(0), q.stride(1), B, H, D, k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+            pos.data_ptr(), int(pos.numel() == B), k.shape[2], y.data_ptr(), threads,
+        )  # fmt: skip
+        if status == -2:
+            raise ValueError(f"a position is outside the {k.shape[2]} cached ones")
+        if status:
+            raise MemoryError("the attention kernel could not allocate its scratch")
         return y
 
 

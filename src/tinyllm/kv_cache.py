@@ -9,11 +9,19 @@ model's attention mask, so a slot is reused without clearing it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
 class KVCache:
-    """Keys and values for every layer: `k[l]`, `v[l]` of shape (B, H, S, D)."""
+    """Keys and values for every layer: `k[l]`, `v[l]` of shape (B, H, S, D).
+
+    `decode_attention` (None, or set by its owner, e.g. the Engine): a faster attention the model calls for steps
+    of one token per row, `decode_attention(q, k, v, input_pos)` -> (B, 1, H D) (`fused_decode.DecodeAttention`).
+    """
+
+    decode_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -62,6 +70,7 @@ class KVCache:
         sub = KVCache.__new__(KVCache)
         sub.k, sub.v = [k[slots] for k in self.k], [v[slots] for v in self.v]
         sub.max_seq_len, sub.batch_size = self.max_seq_len, sub.k[0].shape[0]
+        sub.decode_attention = self.decode_attention
         return sub
 
     def update(

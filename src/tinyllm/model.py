@@ -44,6 +44,9 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             assert input_pos is not None
             k, v = kv_cache.update(self.layer_idx, input_pos, k, v, cache_len)  # (B, H, S', D)
+            if T == 1 and kv_cache.decode_attention is not None and not torch.compiler.is_compiling():
+                # one query per row, eagerly: the cache owner's kernel, each row over its own positions only
+                return self.resid_dropout(self.c_proj(kv_cache.decode_attention(q, k, v, input_pos)))  # (B, 1, C)
             if T == 1 and torch.compiler.is_compiling():
                 # one query per row in a compiled step: plain math that inductor fuses, not an SDPA call
                 att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, 1, S')
