@@ -1,4 +1,5 @@
-"""A batch-1 fp32 decode step written in C: every layer and the head in one OpenMP parallel region.
+"""A batch-1 fp32 decode step written in C: every layer and the head in one OpenMP parallel region (and, from the
+same library, the kernels of batched eager steps: `PanelLinear` for linears of a few rows, `DecodeAttention`).
 
 Decoding one sequence reads every weight once per token, so a step is as fast as it streams the weights. The
 step `torch.compile` builds (`tinyllm.compiled_decode`) splits a layer into ~17 phases with a barrier between
@@ -259,10 +260,10 @@ class PanelLinear:
     """`y = x W^T + b` for a few rows of fp32 (batched decoding) in C, reading W from its copy in panels.
 
     Each 64-byte line of a panel holds 16 outputs' weights for one input, multiplied into one register per row,
-    so a weight read from memory serves up to 16 rows (oneDNN's small-M GEMM ran ~1.3x slower at 8 rows here,
-    benchmarks in BENCHMARKS.md). Every output is one sum over the inputs in order, then the bias, whatever the
-    number of rows and threads: a row's result does not depend on its batch-mates (tested bit-equal).
-    Call `kernel()` (builds the C library, once per machine) before using instances.
+    so a weight read from memory serves up to 16 rows (oneDNN's small-M GEMM ran ~1.4x slower at 8 rows here:
+    `benchmarks/bench_batched_linears.py`). Every output is one sum over the inputs in order, then the bias,
+    whatever the number of rows and threads: a row's result does not depend on its batch-mates (tested
+    bit-equal). Building an instance builds the C library (once per machine; RuntimeError where it cannot).
     """
 
     def __init__(self, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> None:

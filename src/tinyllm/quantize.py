@@ -77,7 +77,7 @@ class OneDNNLinear(nn.Module):
 
     One row (batch-1 decoding) streams the plain weight (on 2 MB pages). A batched Engine gives each layer a
     second copy of its weight for its decode steps (`pack_for_batches`): in fp32, panels that tinyllm's C kernel
-    reads (`fused_decode.PanelLinear`, ~1.3x oneDNN's packed GEMM at 8 rows here) for up to `panel_rows` rows,
+    reads (`fused_decode.PanelLinear`, ~1.4x oneDNN's packed GEMM at 8 rows here) for up to `panel_rows` rows,
     1 included, so that a row's numbers do not depend on its batch-mates; elsewhere (no C compiler, bf16)
     oneDNN's blocked layout (`pack`: its GEMM skips the per-call reorder, 1.6-1.7x faster at 8 rows, results
     equal to the plain weight's). Larger GEMMs (a prompt's prefill) run at `onednn_rows` rows, padded with zeros,

@@ -396,7 +396,7 @@ int64_t tinyllm_decode_steps(const int64_t *dims, const float *const *weights, f
    y = x W^T + bias for R rows x (R, K), the weight read from a copy in panels of 16 outputs, (P, K, 16) with
    P = ceil(N / 16) (the last panel's missing outputs zero): each 64-byte line of a panel holds one input's
    weights for 16 outputs, multiplied by each row's input, broadcast, into one accumulator (16 lanes) per row, so
-   every weight loaded serves up to 16 rows from registers. oneDNN's GEMM at 8 rows ran ~1.3x slower here (its
+   every weight loaded serves up to 16 rows from registers. oneDNN's GEMM at 8 rows ran ~1.4x slower here (its
    small-M kernels are compute-bound on these 2 cores). Each output's sum runs over k = 0 .. K-1 in order,
    then adds the bias, whatever R is and whatever thread computes it: a row's result does not depend on the other
    rows of the batch (bit-equal, tested). The panels are split into one contiguous run per thread. */
