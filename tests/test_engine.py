@@ -175,25 +175,27 @@ def test_batched_engines_decode_fp32_through_panels_whose_rows_ignore_their_batc
     C = seed_model.config.n_embd
     x = torch.randn(40, C)
     plain = {name: m(x) for name, m in fast.named_modules() if isinstance(m, OneDNNLinear) and m.in_features == C}
-    assert pack_for_batches(fast, 8) == 2 * 4 + 1
+    assert pack_for_batches(fast, 32) == 2 * 4 + 1
     head = fast.lm_head
     assert head.panels is not None and head.packed is None and head.panel_rows == 32
     assert head.panels.panels.shape == (-(-50257 // 16), C, 16)  # the last panel: 1 output and 15 zeros
     assert head.weight is fast.transformer.wte.weight  # still tied: the panels are a copy for decoding
     for name, want in plain.items():
         m = fast.get_submodule(name)
-        got = m(x[:32])  # up to 32 rows (or the batch size) through the panels, in passes of 16 rows
+        got = m(x[:32])  # one token per row, up to the batch size: through the panels, in passes of 16 rows
         torch.testing.assert_close(got, want[:32], rtol=1e-5, atol=1e-5)  # fp32, another summation order
         # a row's numbers do not depend on the other rows: 1 row, 7, 16 or 32, and for any number of threads
         assert all(torch.equal(m(x[i : i + 1])[0], got[i]) for i in range(32)), name
-        assert torch.equal(m(x[:7]), got[:7]) and torch.equal(m(x[:16].view(2, 8, C)).view(16, -1), got[:16])
+        assert torch.equal(m(x[:7]), got[:7]) and torch.equal(m(x[:16].view(16, 1, C)).view(16, -1), got[:16])
+        # a prompt's tokens (prefill: several per row) stay on oneDNN and the plain weight, whatever the count
+        assert torch.equal(m(x[:6].view(2, 3, C)), want[:6].view(2, 3, -1)), name
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(1)
             assert torch.equal(m(x[:32]), got), name
         finally:
             torch.set_num_threads(threads)
-        assert torch.equal(m(x), want), name  # more rows: oneDNN's GEMM on the plain weight, as before
+        assert torch.equal(m(x), want), name  # more rows than the batch: oneDNN on the plain weight
     assert pack_for_batches(fast, 48) == 9 and head.panel_rows == 48  # a second, larger engine
     with pytest.raises(ValueError, match="float32"):
         head.panels(x.to(torch.bfloat16))

@@ -171,6 +171,8 @@ def test_decode_attention_equals_sdpa_over_each_rows_own_positions(head_size: in
         torch.set_num_threads(threads)
     shared = attention(q, k, v, torch.tensor([9]))  # one position for every row
     assert torch.equal(shared[3], attention(q[3:4], k[3:4], v[3:4], torch.tensor([9]))[0])
+    assert torch.equal(attention(q, k, v, torch.tensor([9]).expand(B, 1)), shared)  # any layout or int dtype
+    assert torch.equal(attention(q, k, v, pos.to(torch.int32)), got)
     with pytest.raises(ValueError, match="outside the 40 cached"):
         attention(q, k, v, torch.tensor([[3], [40], [0], [1], [2]]))
     with pytest.raises(ValueError, match="one query per row"):
@@ -516,14 +518,19 @@ def test_a_failing_build_is_reported_and_the_engine_falls_back(
     model: GPT, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(fused_decode, "_LIBRARY", None)  # build again, with a compiler that fails
+    monkeypatch.setattr(fused_decode, "_FAILED", {})
     monkeypatch.setenv("TINYLLM_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "cc"))
-    (tmp_path / "cc").write_text("#!/bin/sh\necho 'decode_step.c:1: error: boom' >&2\nexit 1\n")
+    script = f"#!/bin/sh\necho run >> {tmp_path}/runs\necho 'decode_step.c:1: error: boom' >&2\nexit 1\n"
+    (tmp_path / "cc").write_text(script)
     (tmp_path / "cc").chmod(0o755)
     with caplog.at_level(logging.WARNING, logger="tinyllm.engine"):
         engine = Engine(model, max_batch_size=1, compile="c")
-    assert engine.decode_step == "eager"
+    assert engine.decode_step == "eager" and engine.cache.decode_attention is None  # torch's attention too
     assert "decoding eagerly: building the c decode step failed" in caplog.text and "error: boom" in caplog.text
+    assert "decoding steps use torch's attention" in caplog.text
+    Engine(model, max_batch_size=2, compile="c")  # the failure is remembered: no compiler run per engine
+    assert (tmp_path / "runs").read_text().split() == ["run", "run"]  # once with -march=native, once without
     assert list((tmp_path / "kernels").iterdir()) == []  # no half-written library left behind
     (oracle,) = generate_naive(model, [[5, 5]], SamplingParams(**GREEDY), eos_token_id=None)
     assert run_to_end(engine, [[5, 5]], GREEDY) == [oracle]

@@ -59,6 +59,7 @@ MAX_THREADS = 256  # the C side's limit (csrc/decode_step.c)
 PANEL = 16  # outputs per panel in `PanelLinear`'s weight copy (one 16-float vector)
 _LOCK = threading.Lock()
 _LIBRARY: ctypes.CDLL | None = None
+_FAILED: dict[Path, str] = {}  # libraries whose build failed in this process, and why (not tried again)
 
 
 def _compiler() -> list[str] | None:
@@ -124,9 +125,16 @@ def _build() -> ctypes.CDLL:
             except OSError as exc:  # a truncated or foreign file: build it again
                 logger.warning("rebuilding the C decode step: %s does not load (%s)", target, exc)
         if library is None:
-            _compile(compiler, target)
+            if target in _FAILED:  # every engine would try again, a second or more each time
+                raise RuntimeError(_FAILED[target])
+            try:
+                _compile(compiler, target)
+            except RuntimeError as exc:
+                _FAILED[target] = str(exc)
+                raise
             library = ctypes.CDLL(str(target))
         entry(library)
+        _declare_batched(library)
         _LIBRARY = library
         return library
 
@@ -140,13 +148,18 @@ def entry(library: ctypes.CDLL) -> ctypes._CFuncPtr:
     many = library.tinyllm_decode_steps
     many.restype = i64
     many.argtypes = [*fn.argtypes, i64, p, i64, p, p]
+    return fn
+
+
+def _declare_batched(library: ctypes.CDLL) -> None:
+    """Declare the C signatures of the batched steps' kernels, `tinyllm_panel_linear` and `tinyllm_decode_attention`."""
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
     panel = library.tinyllm_panel_linear
     panel.restype = i64
     panel.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
     attention = library.tinyllm_decode_attention
     attention.restype = i64
     attention.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64, i64, p, i64, i64, p, ctypes.c_int]
-    return fn
 
 
 def _compile(compiler: list[str], target: Path) -> None:
@@ -313,9 +326,9 @@ class DecodeAttention:
             raise ValueError("q, k and v must be float32 CPU tensors, contiguous in their last dimension")
         if k.stride(2) != D:
             raise ValueError("each head's cached positions must be contiguous")
-        pos = input_pos.reshape(-1)
-        if pos.dtype != torch.int64 or pos.numel() not in (1, B) or pos.stride(0) != 1:
-            raise ValueError(f"input_pos must hold one int64 position for every row or for all, got {input_pos.shape}")
+        pos = input_pos.reshape(-1).to(torch.int64).contiguous()  # (B,) or (1,): a copy only where needed
+        if pos.numel() not in (1, B):
+            raise ValueError(f"input_pos must hold one position for every row or one for all, got {input_pos.shape}")
         y = torch.empty(B, 1, H * D, dtype=torch.float32)
         threads = max(1, min(torch.get_num_threads(), MAX_THREADS))
         status = self._fn(

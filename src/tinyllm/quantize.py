@@ -45,8 +45,6 @@ HUGE_PAGE = 2 << 20
 HUGE_PAGE_MIN_BYTES = 4 << 20
 # Above this many rows (tokens x sequences) the fused int8 kernel loses to dequantize + float matmul.
 FUSED_INT8_MAX_ROWS = 16
-# Batched engines' fp32 linears of up to this many rows (or their batch size) run the C panel kernel.
-PANEL_MIN_ROWS = 32
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 QUANTIZE_MODES = ("int8", "int8-dynamic")
 
@@ -75,13 +73,15 @@ def onednn_rows(rows: int) -> int:
 class OneDNNLinear(nn.Module):
     """`nn.Linear` computed by oneDNN's inner product: the same parameters (tying kept) and fp32 math.
 
-    One row (batch-1 decoding) streams the plain weight (on 2 MB pages). A batched Engine gives each layer a
-    second copy of its weight for its decode steps (`pack_for_batches`): in fp32, panels that tinyllm's C kernel
-    reads (`fused_decode.PanelLinear`, ~1.4x oneDNN's packed GEMM at 8 rows here) for up to `panel_rows` rows,
-    1 included, so that a row's numbers do not depend on its batch-mates; elsewhere (no C compiler, bf16)
-    oneDNN's blocked layout (`pack`: its GEMM skips the per-call reorder, 1.6-1.7x faster at 8 rows, results
-    equal to the plain weight's). Larger GEMMs (a prompt's prefill) run at `onednn_rows` rows, padded with zeros,
-    to bound oneDNN's memory.
+    Unpacked, every call runs oneDNN on the plain weight (on 2 MB pages). A batched Engine gives each layer a
+    second copy of its weight for decoding steps (`pack_for_batches`), made once: weights changed in place later
+    are not seen there. In fp32, panels that tinyllm's C kernel reads (`fused_decode.PanelLinear`, ~1.4x oneDNN's
+    packed GEMM at 8 rows here), for inputs of one token per row (decoding steps, the head at prefill's last
+    positions) of up to `panel_rows` rows, 1 included, so that a row's numbers do not depend on its batch-mates;
+    a prompt's tokens (prefill) keep oneDNN on the plain weight. Elsewhere (no C compiler, bf16) oneDNN's blocked
+    layout for several rows (`pack`: its GEMM skips the per-call reorder, 1.6-1.7x faster at 8 rows, results
+    equal to the plain weight's). Larger GEMMs run at `onednn_rows` rows, padded with zeros, to bound oneDNN's
+    memory.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -105,7 +105,13 @@ class OneDNNLinear(nn.Module):
             # reduction over the weight (fused with what computes x) instead of an opaque oneDNN call
             y = (self.weight * x.unsqueeze(-2)).sum(-1)
             return y if self.bias is None else y + self.bias
-        if rows <= self.panel_rows and self.panels is not None and not torch.compiler.is_compiling():
+        one_token_per_row = x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)  # a decoding step, not a prefill
+        if (
+            self.panels is not None
+            and one_token_per_row
+            and rows <= self.panel_rows
+            and not torch.compiler.is_compiling()
+        ):
             return self.panels(x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
         weight = self.packed if self.packed is not None and rows > 1 else self.weight
         padded = onednn_rows(rows)
@@ -177,10 +183,11 @@ def _dynamic_int8(linear: nn.Linear) -> nn.Module:
 
 
 def pack_for_batches(model: nn.Module, batch_size: int, *, panels: bool = True) -> int:
-    """Give each oneDNN linear of a prepared model a weight copy for batched decoding steps; returns how many got
-    one. fp32 models (with `panels` and a C compiler): panels for the C kernel (`fused_decode.PanelLinear`),
-    all in one arena on 2 MB pages, used for up to max(`batch_size`, `PANEL_MIN_ROWS`) rows; else oneDNN's
-    blocked copy. A no-op for other layers (int8, plain `nn.Linear`); layers already given a copy keep it."""
+    """Give each oneDNN linear of a prepared model a weight copy for batched decoding steps; returns how many
+    oneDNN linears the model has (each with a copy now). fp32 models (with `panels` and a C compiler): panels for
+    the C kernel (`fused_decode.PanelLinear`), all in one arena on 2 MB pages, used for steps of up to
+    `batch_size` rows (the largest of the engines sharing the model); else oneDNN's blocked copy. Layers already
+    given a copy keep it. Other layers (int8, plain `nn.Linear`) are left alone."""
     every = [m for m in model.modules() if isinstance(m, OneDNNLinear)]
     linears = [m for m in every if m.packed is None and m.panels is None]
     for m in every:
@@ -198,7 +205,7 @@ def pack_for_batches(model: nn.Module, batch_size: int, *, panels: bool = True) 
             shapes = [m.weight.new_empty(fused_decode.panel_shape(m.weight)) for m in linears]  # never touched
             for m, out in zip(linears, huge_page_zeros_like_all(shapes), strict=True):
                 m.panels = fused_decode.PanelLinear(fused_decode.fill_panels(out, m.weight), m.bias, m.out_features)
-                m.panel_rows = max(batch_size, PANEL_MIN_ROWS)
+                m.panel_rows = batch_size
             return len(every)
         logger.warning("batched decoding uses oneDNN's GEMM: %s", kernel_error)
     for m in linears:
