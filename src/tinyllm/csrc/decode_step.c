@@ -203,8 +203,11 @@ static void residual(const step_t *st, int64_t l, float *z) {
 }
 
 /* One head's attention for one query: out (D) = softmax(q keys^T scale) values over positions 0 .. n-1, keys and
-   values (n, D) contiguous; `scores` n floats of scratch. */
-static inline void attend(const float *q, const float *keys, const float *values, int64_t n, int64_t D, float scale,
+   values (n, D) contiguous; `scores` n floats of scratch. Not inlined, so that its code does not move the
+   matrix loops'; at head size 64 the weighted sum of the values stays in 4 registers (the same sums in the same
+   order). Together +0.5 points of the roofline at ~60 GB/s (58 rounds), +0.9 / +0.5 at ~33 (ab_decode_step.py;
+   the registers alone, inlined, had measured 3-4.5 points slower). */
+__attribute__((noinline)) static void attend(const float *q, const float *keys, const float *values, int64_t n, int64_t D, float scale,
                           float *scores, float *out) {
     float most = -INFINITY, total = 0.0f;
     for (int64_t i = 0; i < n; i++) {
@@ -218,6 +221,16 @@ static inline void attend(const float *q, const float *keys, const float *values
         total += hsum(p);
     }
     for (; i < n; i++) total += scores[i] = expf(scores[i] - most);
+    if (D == 64) { /* the weighted sum in 4 registers: the same sums, in the same order */
+        vf o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
+        for (i = 0; i < n; i++) {
+            const float p = scores[i], *v = values + i * 64;
+            o0 += p * load(v), o1 += p * load(v + 16), o2 += p * load(v + 32), o3 += p * load(v + 48);
+        }
+        o0 /= total, o1 /= total, o2 /= total, o3 /= total;
+        memcpy(out, &o0, 64), memcpy(out + 16, &o1, 64), memcpy(out + 32, &o2, 64), memcpy(out + 48, &o3, 64);
+        return;
+    }
     for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
     for (i = 0; i < n; i++)
         for (int64_t d = 0; d < D; d++) out[d] += scores[i] * values[i * D + d];
