@@ -256,7 +256,7 @@ def panel_shape(weight: torch.Tensor) -> tuple[int, int, int]:
 
 
 def fill_panels(out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Write an (N, K) weight into `out` (`panel_shape(weight)`, zeros; see `panel_linear`): panel p holds outputs
+    """Write an (N, K) weight into `out` (`panel_shape(weight)`, zeros; read by `PanelLinear`): panel p holds outputs
     16 p .. 16 p + 15, input-major, the last panel's missing outputs left zero. Returns `out`."""
     if out.shape != panel_shape(weight) or out.dtype != weight.dtype:
         raise ValueError(f"panels of a {tuple(weight.shape)} weight are {panel_shape(weight)}, got {tuple(out.shape)}")
@@ -267,6 +267,12 @@ def fill_panels(out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if rest:
         out[full, :, :rest].copy_(w[full * PANEL :].t())
     return out
+
+
+def library() -> ctypes.CDLL:
+    """The C library, every kernel declared (built once per source, compiler and CPU, loaded once per process;
+    RuntimeError where it cannot be built)."""
+    return _build()
 
 
 class PanelLinear:
@@ -288,7 +294,7 @@ class PanelLinear:
             raise ValueError(f"bias must be a contiguous float32 tensor of shape ({out_features},)")
         self.panels, self.bias, self.out_features = panels, bias, out_features
         self.in_features = panels.shape[1]
-        self._fn = kernel()
+        self._fn = library().tinyllm_panel_linear
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (R, K) -> (R, N), float32 on the CPU."""
@@ -316,7 +322,7 @@ class DecodeAttention:
     """
 
     def __init__(self) -> None:
-        self._fn = _build().tinyllm_decode_attention
+        self._fn = library().tinyllm_decode_attention
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         B, H, T, D = q.shape
@@ -340,11 +346,6 @@ class DecodeAttention:
         if status:
             raise MemoryError("the attention kernel could not allocate its scratch")
         return y
-
-
-def kernel() -> ctypes._CFuncPtr:
-    """The C library's `tinyllm_panel_linear` (built and loaded once; RuntimeError where it cannot be built)."""
-    return _build().tinyllm_panel_linear
 
 
 class FusedDecoder:

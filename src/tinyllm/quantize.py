@@ -193,21 +193,19 @@ def pack_for_batches(model: nn.Module, batch_size: int, *, panels: bool = True) 
     for m in every:
         if m.panels is not None:  # another engine's: now also for this one's batch size
             m.panel_rows = max(m.panel_rows, batch_size)
-    kernel_error = None
     if panels and linears and all(m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" for m in linears):
         from tinyllm import fused_decode  # noqa: PLC0415 (it imports this module)
 
         try:
-            fused_decode.kernel()
+            fused_decode.library()
         except (RuntimeError, OSError) as exc:  # no C compiler, or it failed: oneDNN's copy instead
-            kernel_error = exc
+            logger.warning("batched decoding uses oneDNN's GEMM: %s", exc)
         else:
             shapes = [m.weight.new_empty(fused_decode.panel_shape(m.weight)) for m in linears]  # never touched
             for m, out in zip(linears, huge_page_zeros_like_all(shapes), strict=True):
                 m.panels = fused_decode.PanelLinear(fused_decode.fill_panels(out, m.weight), m.bias, m.out_features)
                 m.panel_rows = batch_size
             return len(every)
-        logger.warning("batched decoding uses oneDNN's GEMM: %s", kernel_error)
     for m in linears:
         m.pack(batch_size)
     return len(every)

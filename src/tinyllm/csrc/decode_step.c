@@ -207,8 +207,8 @@ static void residual(const step_t *st, int64_t l, float *z) {
    matrix loops'; at head size 64 the weighted sum of the values stays in 4 registers (the same sums in the same
    order). Together +0.5 points of the roofline at ~60 GB/s (58 rounds), +0.9 / +0.5 at ~33 (ab_decode_step.py;
    the registers alone, inlined, had measured 3-4.5 points slower). */
-__attribute__((noinline)) static void attend(const float *q, const float *keys, const float *values, int64_t n, int64_t D, float scale,
-                          float *scores, float *out) {
+__attribute__((noinline)) static void attend(const float *q, const float *keys, const float *values, int64_t n,
+                                             int64_t D, float scale, float *scores, float *out) {
     float most = -INFINITY, total = 0.0f;
     for (int64_t i = 0; i < n; i++) {
         scores[i] = dot(q, keys + i * D, D) * scale;
@@ -432,6 +432,7 @@ static inline __attribute__((always_inline)) void panel_rows(const float *xt, co
 /* x (R, K), panels (P, K, 16), bias (N) or NULL, y (R, N). Returns 0, or -1 when out of memory. */
 int64_t tinyllm_panel_linear(const float *x, int64_t R, int64_t K, const float *panels, const float *bias, int64_t N,
                              float *y, int threads) {
+    if (R <= 0) return 0;
     const int64_t P = (N + 15) / 16;
     const int64_t pass = R < PANEL_ROWS ? R : PANEL_ROWS;
     float *xt = aligned_alloc(64, ((size_t)(K * pass * sizeof(float)) + 63) & ~(size_t)63);
